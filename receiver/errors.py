@@ -1,0 +1,249 @@
+"""The receiver's exceptions, and the one place they become HTTP answers.
+
+ReceiverError
+├── ApiError                   answered to the client as {"error": {...}}
+│   ├── InvalidParameters      400 invalid_parameters (details.fields)
+│   ├── InvalidPayload         400 invalid_payload
+│   ├── InvalidRequest         400 invalid_request
+│   ├── UrlNotAllowed          400 url_not_allowed
+│   ├── Unauthorized           401 unauthorized
+│   ├── InvalidSignature       403 invalid_signature
+│   ├── NotFound               404 <thing>_not_found
+│   ├── Conflict               409 <reason>
+│   │   └── TaskMismatch       409 task_mismatch
+│   ├── CallbackExpired        410 callback_expired
+│   ├── PayloadTooLarge        413 payload_too_large
+│   └── ProviderRefused        502 with the provider's error and the failed task
+├── ProviderError              an upstream call failed (refused, unreachable, garbled)
+└── StoreError                 the database could not do what was asked
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.logs import get_logger, redact_path
+
+log = get_logger("receiver.errors")
+
+
+class ReceiverError(Exception):
+    """Base class of every error the receiver raises on purpose."""
+
+
+class ApiError(ReceiverError):
+    """An error answered to the client in the contract's error shape."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = dict(details) if details else None
+        self.headers = dict(headers) if headers else None
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class InvalidParameters(ApiError):
+    """The request names fields a provider or model would refuse."""
+
+    status_code = 400
+    code = "invalid_parameters"
+
+    def __init__(self, fields: Sequence[Mapping[str, str]], message: str | None = None) -> None:
+        self.fields = [dict(f) for f in fields]
+        names = ", ".join(f["field"] for f in self.fields)
+        super().__init__(message or f"Invalid parameters: {names}.", details={"fields": self.fields})
+
+
+class InvalidPayload(ApiError):
+    """A callback body is not a JSON object or no dialect recognises it."""
+
+    status_code = 400
+    code = "invalid_payload"
+
+
+class InvalidRequest(ApiError):
+    """A management request is malformed (bad JSON, wrong types, bad cursor)."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class UrlNotAllowed(ApiError):
+    """A subscriber or asset URL points somewhere the receiver must not call."""
+
+    status_code = 400
+    code = "url_not_allowed"
+
+
+class Unauthorized(ApiError):
+    """Missing or wrong API key."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str = "A valid API key is required (Authorization: Bearer <key>).") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="receiver"'})
+
+
+class InvalidSignature(ApiError):
+    """A callback token that was not signed by this receiver."""
+
+    status_code = 403
+    code = "invalid_signature"
+
+
+class NotFound(ApiError):
+    """The named thing does not exist."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    """The request conflicts with the stored state."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class TaskMismatch(Conflict):
+    """A callback names another upstream task than the one its token was minted for."""
+
+    code = "task_mismatch"
+
+    def __init__(self, task_id: str, expected: str | None, got: str | None) -> None:
+        super().__init__(
+            f"This callback URL belongs to task {task_id}, whose upstream task is {expected!r}; "
+            f"the payload names {got!r}.",
+            details={"task_id": task_id, "upstream_task_id": expected, "payload_task_id": got},
+        )
+        self.task_id = task_id
+
+
+class CallbackExpired(ApiError):
+    """A correctly signed callback token that is past its validity."""
+
+    status_code = 410
+    code = "callback_expired"
+
+
+class PayloadTooLarge(ApiError):
+    """A request body larger than the configured limit."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ProviderRefused(ApiError):
+    """The provider refused a submission; the task is stored as failed."""
+
+    status_code = 502
+    code = "provider_error"
+
+    def __init__(self, error: ProviderError, task: Mapping[str, Any]) -> None:
+        super().__init__(error.message, code=error.code, details=error.details)
+        self.task = dict(task)
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["task"] = self.task
+        return body
+
+
+class ProviderError(ReceiverError):
+    """An upstream provider call failed: refused, unreachable or garbled."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        code: str = "upstream_error",
+        status_code: int | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.code = code
+        self.status_code = status_code
+        self.body = body
+
+    @property
+    def details(self) -> dict[str, Any]:
+        details: dict[str, Any] = {"provider": self.provider}
+        if self.status_code is not None:
+            details["status_code"] = self.status_code
+        if self.body is not None:
+            details["body"] = self.body
+        return details
+
+    def as_task_error(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details}
+
+
+class StoreError(ReceiverError):
+    """The database could not do what was asked."""
+
+
+def json_response(body: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON answer serialised with orjson (what every route uses)."""
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+_HTTP_CODES = {
+    404: ("not_found", "No such endpoint."),
+    405: ("method_not_allowed", "This endpoint does not accept that method."),
+}
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return json_response(exc.body(), exc.status_code, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code, message = _HTTP_CODES.get(exc.status_code, ("http_error", str(exc.detail)))
+    return json_response({"error": {"code": code, "message": message}}, exc.status_code, exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("request.crashed", path=redact_path(request.url.path), error=repr(exc)[:300])
+    body = {"error": {"code": "internal_error", "message": "The receiver failed to handle this request."}}
+    return json_response(body, 500)
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    ApiError: _api_error,
+    HTTPException: _http_error,
+    Exception: _server_error,
+}

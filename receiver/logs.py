@@ -1,0 +1,96 @@
+"""Structured logs: one JSON object per line, secrets never included.
+
+    log = get_logger("receiver.callbacks")
+    log.info("callback.accepted", task_id="tsk_…", verdict="accepted")
+
+Field names that smell of secrets are masked, and callback paths lose their
+token, so a log line never carries a key, a secret or a full signed URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+import orjson
+
+_SECRET_FIELD = re.compile(r"(secret|token|key|password|authorization|signature)", re.IGNORECASE)
+_CALLBACK_PATH = re.compile(r"/callbacks/[^/?\s\"']+")
+_SIGNED_QUERY = re.compile(r"([?&](?:sig|signature|token|fal_webhook)=)[^&\s\"']+", re.IGNORECASE)
+
+
+def redact_path(text: str) -> str:
+    """Strip callback tokens and signatures from a path or URL."""
+    text = _CALLBACK_PATH.sub("/callbacks/[redacted]", text)
+    return _SIGNED_QUERY.sub(r"\1[redacted]", text)
+
+
+def _clean(key: str, value: Any) -> Any:
+    if _SECRET_FIELD.search(key) and not key.endswith(("_id", "_count")):
+        return "[redacted]"
+    if isinstance(value, str):
+        return redact_path(value)
+    return value
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, Any] = {
+            "ts": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": redact_path(record.getMessage()),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            for key, value in fields.items():
+                line[key] = _clean(key, value)
+        if record.exc_info and record.exc_info[0] is not None:
+            line["exc"] = redact_path(self.formatException(record.exc_info))[-2000:]
+        return orjson.dumps(line, default=str).decode()
+
+
+class Logger:
+    """A thin wrapper: an event name plus keyword fields."""
+
+    def __init__(self, name: str) -> None:
+        self._logger = logging.getLogger(name)
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if self._logger.isEnabledFor(level):
+            exc_info = fields.pop("exc_info", None)
+            self._logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, fields)
+
+
+def get_logger(name: str) -> Logger:
+    return Logger(name)
+
+
+def configure_logging(level: str = "info") -> None:
+    """Send every `receiver` and `uvicorn` log line to stderr as JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    for name in ("receiver", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
+    # uvicorn's access log prints raw paths, which would leak callback tokens;
+    # the receiver logs its own, redacted, access lines instead.
+    logging.getLogger("uvicorn.access").disabled = True

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from receiver.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings, ensure_secrets, sqlite_path
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.database_url == "sqlite:///./data/receiver.db"
+    assert settings.public_url == "http://127.0.0.1:8000"
+    assert settings.retry_schedule == DEFAULT_RETRY_SCHEDULE
+    assert settings.max_body_bytes == 1048576
+    assert settings.callback_max_age == 604800 and settings.task_timeout == 3600
+    assert settings.provider("xhuoapi").url == "https://api.xhuoapi.ai"
+    assert settings.data_dir == Path("data")
+
+
+def test_environment_is_read() -> None:
+    settings = Settings.from_env(
+        {
+            "RECEIVER_DATABASE_URL": "sqlite:////srv/r/receiver.db",
+            "RECEIVER_PUBLIC_URL": "https://abc.trycloudflare.com/",
+            "RECEIVER_SECRET_KEY": "new, old",
+            "RECEIVER_API_KEYS": "a,b",
+            "RECEIVER_XHUOAPI_URL": "http://127.0.0.1:9000/",
+            "RECEIVER_XHUOAPI_API_KEY": "sk-1",
+            "RECEIVER_RETRY_SCHEDULE": "0,1,2",
+            "RECEIVER_ALLOW_PRIVATE_URLS": "1",
+        }
+    )
+    assert settings.public_url == "https://abc.trycloudflare.com"
+    assert [str(k) for k in settings.secret_keys] == ["new", "old"]
+    assert [str(k) for k in settings.api_keys] == ["a", "b"]
+    assert settings.provider("xhuoapi").url == "http://127.0.0.1:9000"
+    assert str(settings.provider("xhuoapi").api_key) == "sk-1"
+    assert settings.retry_schedule == (0.0, 1.0, 2.0)
+    assert settings.allow_private_urls is True
+    assert settings.data_dir == Path("/srv/r")
+
+
+def test_secrets_are_hidden_in_reprs() -> None:
+    settings = Settings.from_env({"RECEIVER_API_KEYS": "super-secret-key"})
+    assert "super-secret-key" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RECEIVER_PUBLIC_URL", "ftp://x"),
+        ("RECEIVER_MAX_BODY_BYTES", "-1"),
+        ("RECEIVER_RETRY_SCHEDULE", "1,-5"),
+        ("RECEIVER_ALLOW_PRIVATE_URLS", "maybe"),
+        ("RECEIVER_TASK_TIMEOUT", "soon"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_sqlite_paths() -> None:
+    assert sqlite_path("sqlite:///./data/x.db") == Path("./data/x.db")
+    assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
+    assert sqlite_path("sqlite:///:memory:") is None
+
+
+def test_missing_secrets_are_generated_once(tmp_path: Path) -> None:
+    announced: list[str] = []
+    settings = Settings.from_env({"RECEIVER_DATA_DIR": str(tmp_path)})
+    first = ensure_secrets(settings, announce=announced.append)
+    path = tmp_path / "secrets.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    stored = json.loads(path.read_text())
+    assert [str(k) for k in first.api_keys] == [stored["api_key"]]
+    assert str(first.notify_secret).startswith("whsec_")
+    assert len(announced) == 1 and stored["api_key"] in announced[0]
+
+    second = ensure_secrets(settings, announce=announced.append)
+    assert [str(k) for k in second.secret_keys] == [str(k) for k in first.secret_keys]
+    assert len(announced) == 1  # the key is shown only the first time
+
+
+def test_operator_secrets_win(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_API_KEYS": "mine", "RECEIVER_SECRET_KEY": "s"}
+    )
+    announced: list[str] = []
+    ready = ensure_secrets(settings, announce=announced.append)
+    assert [str(k) for k in ready.api_keys] == ["mine"] and [str(k) for k in ready.secret_keys] == ["s"]
+    assert announced == []
