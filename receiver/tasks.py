@@ -1,0 +1,236 @@
+"""Tasks: the value object, the state machine, and what a provider report does.
+
+Every way a result arrives (a callback, a poll, a synchronous answer) becomes
+a `Report`; `apply_report` decides, without I/O, what it does to the task. The
+stores run these decisions inside their transactions, so every backend makes
+the same choices.
+
+    queued ─▶ submitted ─▶ running ─▶ succeeded | failed | expired | cancelled
+       └──────────┴───────────┴──▶ (any terminal state)
+
+`sequence` grows by one at every state change; terminal states never change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from receiver.clock import isoformat
+from receiver.errors import Conflict, TaskMismatch
+from receiver.types import JSON, EventType, TaskState, Verdict
+
+_NEXT: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.QUEUED: frozenset(TaskState) - {TaskState.QUEUED},
+    TaskState.SUBMITTED: frozenset(TaskState) - {TaskState.QUEUED, TaskState.SUBMITTED},
+    TaskState.RUNNING: frozenset(TaskState) - {TaskState.QUEUED, TaskState.SUBMITTED, TaskState.RUNNING},
+}
+
+
+class IllegalTransition(ValueError):
+    """A state change the state machine does not allow."""
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A generation task as stored. `to_api()` gives the contract's JSON shape."""
+
+    id: str
+    provider: str
+    model: str | None
+    state: TaskState
+    request: JSON
+    created_at: float
+    updated_at: float
+    expires_at: float
+    sequence: int = 1
+    upstream_task_id: str | None = None
+    result: JSON | None = None
+    error: JSON | None = None
+    metadata: JSON = field(default_factory=dict)
+    completed_at: float | None = None
+    notify_url: str | None = None
+    warnings: tuple[str, ...] = ()
+    origin: str = "api"  # "api": submitted by us; "external": POST /v1/callback-urls
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+    def replace(self, **changes: Any) -> Task:
+        return dataclasses.replace(self, **changes)
+
+    def to_api(self) -> JSON:
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "model": self.model,
+            "state": self.state.value,
+            "upstream_task_id": self.upstream_task_id,
+            "request": self.request,
+            "result": self.result,
+            "error": self.error,
+            "metadata": self.metadata,
+            "sequence": self.sequence,
+            "notify_url": self.notify_url,
+            "warnings": list(self.warnings),
+            "created_at": isoformat(self.created_at),
+            "updated_at": isoformat(self.updated_at),
+            "completed_at": isoformat(self.completed_at),
+            "expires_at": isoformat(self.expires_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What a provider said about a task, in any dialect, normalised.
+
+    `state` is one of submitted, running, succeeded, failed (or cancelled when
+    the provider cancelled it). `images` are dicts with at least `url`.
+    """
+
+    state: TaskState
+    upstream_task_id: str | None = None
+    images: tuple[JSON, ...] = ()
+    error: JSON | None = None
+    progress: float | None = None
+    dialect: str | None = None
+
+    def result(self) -> JSON | None:
+        if self.state is not TaskState.SUCCEEDED:
+            return None
+        return {"images": [{"asset_url": None, **image} for image in self.images]}
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """Background work a decision schedules for its task (one per kind and task)."""
+
+    kind: str
+    run_at: float
+    payload: JSON = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """The outcome of a decision: the task to write (None: unchanged), events to emit
+    and jobs to schedule. When the task turns terminal, its other jobs are dropped."""
+
+    task: Task | None
+    events: tuple[EventType, ...] = ()
+    verdict: Verdict = Verdict.ACCEPTED
+    reason: str | None = None
+    jobs: tuple[JobSpec, ...] = ()
+
+    def with_jobs(self, *jobs: JobSpec) -> Transition:
+        return dataclasses.replace(self, jobs=self.jobs + jobs)
+
+    def with_events(self, events: tuple[EventType, ...]) -> Transition:
+        return dataclasses.replace(self, events=events)
+
+    @property
+    def changed(self) -> bool:
+        return self.task is not None
+
+
+def advance(task: Task, state: TaskState, *, now: float, **changes: Any) -> Task:
+    """`task` moved to `state`: sequence + 1, timestamps set; IllegalTransition if not allowed."""
+    if state not in _NEXT.get(task.state, frozenset()):
+        raise IllegalTransition(f"{task.id}: {task.state} -> {state} is not allowed")
+    return task.replace(
+        state=state,
+        sequence=task.sequence + 1,
+        updated_at=now,
+        completed_at=now if state.terminal else None,
+        **changes,
+    )
+
+
+def _moved(task: Task, state: TaskState, *, now: float, **changes: Any) -> Transition:
+    new = advance(task, state, now=now, **changes)
+    event = EventType.for_state(state)
+    return Transition(new, (event,) if event else ())
+
+
+def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = False) -> Transition:
+    """Decide what `report` does to `task`.
+
+    Raises TaskMismatch when the report names another upstream task than the
+    one already bound to `task` (the request is refused and nothing stored).
+    """
+    if duplicate:
+        return Transition(None, verdict=Verdict.DUPLICATE, reason="duplicate")
+    named = report.upstream_task_id
+    if named is not None and task.upstream_task_id is not None and named != task.upstream_task_id:
+        raise TaskMismatch(task.id, task.upstream_task_id, named)
+    adopt: dict[str, Any] = {}
+    if named is not None and task.upstream_task_id is None:
+        adopt["upstream_task_id"] = named
+    if report.dialect and task.provider == "auto":
+        adopt["provider"] = report.dialect
+
+    if task.terminal:
+        if not report.state.terminal:
+            reason = "late"
+        elif report.state == task.state and _urls(report.result()) == _urls(task.result):
+            reason = "repeat"
+        else:
+            reason = "conflict"
+        return Transition(None, verdict=Verdict.IGNORED, reason=reason)
+
+    if report.state.terminal:
+        return _moved(task, report.state, now=now, result=report.result(), error=report.error, **adopt)
+    if report.state is TaskState.RUNNING and task.state is not TaskState.RUNNING:
+        return _moved(task, TaskState.RUNNING, now=now, **adopt)
+    if report.state is TaskState.SUBMITTED and task.state is TaskState.QUEUED:
+        return _moved(task, TaskState.SUBMITTED, now=now, **adopt)
+    # Progress that changes no state: kept in the callback log, the task only
+    # learns its upstream id if it did not know it yet.
+    return Transition(task.replace(updated_at=now, **adopt) if adopt else None)
+
+
+def record_submission(task: Task, upstream_task_id: str | None, *, now: float) -> Transition:
+    """The provider accepted the task. A callback may already have moved it on."""
+    if task.upstream_task_id is None and upstream_task_id is not None:
+        adopt = {"upstream_task_id": upstream_task_id}
+    else:
+        adopt = {}
+    if task.state is TaskState.QUEUED:
+        return _moved(task, TaskState.SUBMITTED, now=now, **adopt)
+    return Transition(task.replace(updated_at=now, **adopt) if adopt else None)
+
+
+def record_refusal(task: Task, error: Mapping[str, Any], *, now: float) -> Transition:
+    """The provider refused the task (or could not be reached)."""
+    if task.terminal:
+        return Transition(None, verdict=Verdict.IGNORED, reason="already terminal")
+    return _moved(task, TaskState.FAILED, now=now, error=dict(error))
+
+
+def cancel(task: Task, *, now: float) -> Transition:
+    """The client gave up on the task; late callbacks will be ignored."""
+    if task.terminal:
+        raise Conflict(
+            f"Task {task.id} is already {task.state}; terminal states never change.",
+            code="task_terminal",
+            details={"task_id": task.id, "state": task.state.value},
+        )
+    return _moved(task, TaskState.CANCELLED, now=now)
+
+
+def expire(task: Task, *, now: float) -> Transition:
+    """No result arrived in time."""
+    if task.terminal or task.expires_at > now:
+        return Transition(None, verdict=Verdict.IGNORED, reason="not due")
+    error = {"code": "task_timeout", "message": "No result arrived before the task's deadline."}
+    return _moved(task, TaskState.EXPIRED, now=now, error=error)
+
+
+def add_warnings(task: Task, warnings: Sequence[str]) -> Task:
+    return task.replace(warnings=tuple(task.warnings) + tuple(warnings))
+
+
+def _urls(result: JSON | None) -> list[Any]:
+    return [image.get("url") for image in (result or {}).get("images", [])]

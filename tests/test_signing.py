@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+
+from receiver.clock import FakeClock
+from receiver.errors import CallbackExpired, InvalidSignature
+from receiver.signing import CallbackSigner, TokenSigner
+
+
+def test_round_trip_names_the_task() -> None:
+    signer = CallbackSigner(["k1"])
+    token = signer.mint("tsk_abc", max_age=60)
+    assert signer.verify(token) == "tsk_abc"
+    assert "/" not in token and "+" not in token  # URL-safe
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"), id="signature-changed"),
+        pytest.param(lambda t: "x" + t[1:], id="payload-changed"),
+        pytest.param(lambda t: t.split(".")[0], id="signature-removed"),
+        pytest.param(lambda t: "", id="empty"),
+        pytest.param(lambda t: "not-a-token", id="garbage"),
+    ],
+)
+def test_tampered_tokens_are_refused(tamper) -> None:
+    signer = CallbackSigner(["k1"])
+    token = signer.mint("tsk_abc", max_age=60)
+    with pytest.raises(InvalidSignature):
+        signer.verify(tamper(token))
+
+
+def test_expiry_follows_the_injected_clock() -> None:
+    clock = FakeClock(1_800_000_000)
+    signer = CallbackSigner(["k1"], clock=clock)
+    token = signer.mint("tsk_abc", max_age=3600)
+    clock.advance(3600)
+    assert signer.verify(token) == "tsk_abc"
+    clock.advance(1)
+    with pytest.raises(CallbackExpired) as caught:
+        signer.verify(token)
+    assert caught.value.status_code == 410
+
+
+def test_each_token_carries_its_own_max_age() -> None:
+    clock = FakeClock(1_800_000_000)
+    signer = CallbackSigner(["k1"], clock=clock)
+    short, long = signer.mint("tsk_a", max_age=60), signer.mint("tsk_b", max_age=7200)
+    clock.advance(120)
+    with pytest.raises(CallbackExpired):
+        signer.verify(short)
+    assert signer.verify(long) == "tsk_b"
+
+
+def test_key_rotation_keeps_old_urls_working() -> None:
+    old = CallbackSigner(["old"])
+    token = old.mint("tsk_abc", max_age=60)
+    rotated = CallbackSigner(["new", "old"])  # the first key signs, all verify
+    assert rotated.verify(token) == "tsk_abc"
+    fresh = rotated.mint("tsk_def", max_age=60)
+    assert CallbackSigner(["new"]).verify(fresh) == "tsk_def"
+    with pytest.raises(InvalidSignature):
+        old.verify(fresh)  # minted with the new key
+    with pytest.raises(InvalidSignature):
+        CallbackSigner(["new"]).verify(token)  # the old key was retired
+
+
+def test_a_wrong_key_is_refused() -> None:
+    token = CallbackSigner(["k1"]).mint("tsk_abc", max_age=60)
+    with pytest.raises(InvalidSignature):
+        CallbackSigner(["k2"]).verify(token)
+
+
+def test_salts_separate_purposes() -> None:
+    callback_token = CallbackSigner(["k1"]).mint("tsk_abc", max_age=60)
+    with pytest.raises(InvalidSignature):
+        TokenSigner(["k1"], salt="receiver.asset.v1").verify(callback_token)
+
+
+def test_tokens_use_sha256() -> None:
+    token = CallbackSigner(["k1"]).mint("tsk_abc", max_age=60)
+    signature = token.rsplit(".", 1)[1]
+    assert len(signature) == 43  # base64 of 32 bytes: SHA-256, not itsdangerous's SHA-1 default
+
+
+def test_keys_are_required() -> None:
+    with pytest.raises(ValueError):
+        CallbackSigner([])
+    with pytest.raises(ValueError):
+        CallbackSigner([""])
