@@ -1,0 +1,201 @@
+"""Row <-> value-object mapping shared by every backend.
+
+Rows are anything indexable by column name (sqlite3.Row, asyncpg.Record);
+JSON columns hold text in every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import orjson
+
+from receiver.store.base import Attempt, Delivery, Job, StoredCallback, Subscription
+from receiver.tasks import Task
+from receiver.types import DeliveryStatus, TaskState, Verdict
+
+
+class Row(Protocol):
+    """A database row: sqlite3.Row, asyncpg.Record or a dict."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+TASK_COLUMNS = (
+    "id",
+    "provider",
+    "model",
+    "state",
+    "upstream_task_id",
+    "request",
+    "result",
+    "error",
+    "metadata",
+    "sequence",
+    "notify_url",
+    "warnings",
+    "origin",
+    "created_at",
+    "updated_at",
+    "completed_at",
+    "expires_at",
+)
+
+SUBSCRIPTION_COLUMNS = (
+    "id",
+    "url",
+    "events",
+    "description",
+    "secret",
+    "previous_secret",
+    "previous_secret_expires_at",
+    "enabled",
+    "disabled_reason",
+    "failing_since",
+    "task_id",
+    "uses_notify_secret",
+    "created_at",
+    "updated_at",
+)
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _loads(value: str | bytes | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def task_params(task: Task) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "provider": task.provider,
+        "model": task.model,
+        "state": task.state.value,
+        "upstream_task_id": task.upstream_task_id,
+        "request": dumps(task.request),
+        "result": None if task.result is None else dumps(task.result),
+        "error": None if task.error is None else dumps(task.error),
+        "metadata": dumps(task.metadata),
+        "sequence": task.sequence,
+        "notify_url": task.notify_url,
+        "warnings": dumps(list(task.warnings)),
+        "origin": task.origin,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "completed_at": task.completed_at,
+        "expires_at": task.expires_at,
+    }
+
+
+def task_from_row(row: Row) -> Task:
+    return Task(
+        id=row["id"],
+        provider=row["provider"],
+        model=row["model"],
+        state=TaskState(row["state"]),
+        upstream_task_id=row["upstream_task_id"],
+        request=_loads(row["request"]),
+        result=_loads(row["result"]),
+        error=_loads(row["error"]),
+        metadata=_loads(row["metadata"]),
+        sequence=row["sequence"],
+        notify_url=row["notify_url"],
+        warnings=tuple(_loads(row["warnings"])),
+        origin=row["origin"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        completed_at=row["completed_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+def callback_from_row(row: Row) -> StoredCallback:
+    return StoredCallback(
+        id=row["id"],
+        task_id=row["task_id"],
+        received_at=row["received_at"],
+        body=bytes(row["body"]),
+        headers=_loads(row["headers"]),
+        verdict=Verdict(row["verdict"]),
+        reason=row["reason"],
+        dialect=row["dialect"],
+        reported_state=row["reported_state"],
+    )
+
+
+def subscription_params(sub: Subscription) -> dict[str, Any]:
+    return {
+        "id": sub.id,
+        "url": sub.url,
+        "events": dumps(list(sub.events)),
+        "description": sub.description,
+        "secret": sub.secret,
+        "previous_secret": sub.previous_secret,
+        "previous_secret_expires_at": sub.previous_secret_expires_at,
+        "enabled": sub.enabled,
+        "disabled_reason": sub.disabled_reason,
+        "failing_since": sub.failing_since,
+        "task_id": sub.task_id,
+        "uses_notify_secret": sub.uses_notify_secret,
+        "created_at": sub.created_at,
+        "updated_at": sub.updated_at,
+    }
+
+
+def subscription_from_row(row: Row) -> Subscription:
+    return Subscription(
+        id=row["id"],
+        url=row["url"],
+        events=tuple(_loads(row["events"])),
+        description=row["description"],
+        secret=row["secret"],
+        previous_secret=row["previous_secret"],
+        previous_secret_expires_at=row["previous_secret_expires_at"],
+        enabled=bool(row["enabled"]),
+        disabled_reason=row["disabled_reason"],
+        failing_since=row["failing_since"],
+        task_id=row["task_id"],
+        uses_notify_secret=bool(row["uses_notify_secret"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def attempt_from_row(row: Row) -> Attempt:
+    return Attempt(
+        at=row["at"],
+        status_code=row["status_code"],
+        latency_ms=row["latency_ms"],
+        error=row["error"],
+        response_body=row["response_body"],
+    )
+
+
+def delivery_from_row(row: Row, attempts: tuple[Attempt, ...] = ()) -> Delivery:
+    return Delivery(
+        id=row["id"],
+        event_id=row["event_id"],
+        subscription_id=row["subscription_id"],
+        task_id=row["task_id"],
+        event_type=row["event_type"],
+        sequence=row["sequence"],
+        status=DeliveryStatus(row["status"]),
+        attempt_count=row["attempt_count"],
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        attempts=attempts,
+    )
+
+
+def job_from_row(row: Row) -> Job:
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        task_id=row["task_id"],
+        run_at=row["run_at"],
+        attempts=row["attempts"],
+        payload=_loads(row["payload"]),
+    )

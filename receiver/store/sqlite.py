@@ -1,0 +1,855 @@
+"""The embedded SQLite store.
+
+Writes go through one writer connection on its own thread. Concurrent
+requests hand it their work as plain functions; it runs everything queued in
+one transaction (each piece in its own savepoint) and commits once, then
+answers them all — group commit, so many durable writes share one fsync.
+Reads use a separate aiosqlite connection; WAL lets them run beside writes.
+
+    store = SQLiteStore("./data/receiver.db", clock=time.time)
+    await store.open()                       # connects and migrates
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import orjson
+
+from receiver.broadcast import ChangeFeed
+from receiver.clock import system_clock
+from receiver.errors import NotFound, StoreError, TaskMismatch
+from receiver.events import event_body, matches, task_event_body
+from receiver.ids import new_id
+from receiver.logs import get_logger
+from receiver.store import migrations
+from receiver.store.base import (
+    Applied,
+    AttemptOutcome,
+    CreatedTask,
+    Decide,
+    Delivery,
+    DeliveryJob,
+    DeliveryQuery,
+    IdempotencyKey,
+    IncomingCallback,
+    Job,
+    StoredCallback,
+    Subscription,
+    TaskQuery,
+)
+from receiver.store.rows import (
+    SUBSCRIPTION_COLUMNS,
+    TASK_COLUMNS,
+    attempt_from_row,
+    callback_from_row,
+    delivery_from_row,
+    dumps,
+    job_from_row,
+    subscription_from_row,
+    subscription_params,
+    task_from_row,
+    task_params,
+)
+from receiver.tasks import JobSpec, Report, Task, Transition, apply_report
+from receiver.types import JSON, TERMINAL_STATES, Clock, DeliveryStatus, EventType, TaskState
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+log = get_logger("receiver.store")
+
+_MAX_BATCH = 512
+_OPEN_STATES = tuple(s.value for s in TaskState if s not in TERMINAL_STATES)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a 200 means the callback survives power loss
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class _Writer:
+    """One connection, one thread; everything queued when it is free shares a commit."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self.batches = 0  # commits made (for the benchmark and tests)
+        self.operations = 0
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="receiver-sqlite-writer", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait)
+        if self._startup_error is not None:
+            raise StoreError(f"cannot open the SQLite database: {self._startup_error}") from self._startup_error
+
+    async def stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    async def run(self, op: Op) -> Any:
+        if self._thread is None or not self._thread.is_alive():
+            raise StoreError("the SQLite writer is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((op, future, loop))
+        return await future
+
+    def _run(self) -> None:
+        try:
+            conn = _connect(self._path)
+        except BaseException as exc:
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            stopping = False
+            while not stopping:
+                item = self._queue.get()
+                if item is None:
+                    break
+                batch = [item]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        break
+                    batch.append(more)
+                self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any], Any]]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._resolve([(fut, None, StoreError(str(exc))) for _, fut, _ in batch], batch)
+            return
+        alone = len(batch) == 1
+        for op, future, _ in batch:
+            if not alone:
+                conn.execute("SAVEPOINT op")
+            try:
+                value = op(conn)
+            except BaseException as exc:  # the op's own writes are undone; the batch goes on
+                if alone:
+                    conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                else:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                if isinstance(exc, sqlite3.Error):
+                    exc = StoreError(str(exc))
+                outcomes.append((future, None, exc))
+            else:
+                if not alone:
+                    conn.execute("RELEASE op")
+                outcomes.append((future, value, None))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = StoreError(f"commit failed: {exc}")
+            outcomes = [(fut, None, failure) for fut, _, _ in outcomes]
+        self.batches += 1
+        self.operations += len(batch)
+        self._resolve(outcomes, batch)
+
+    @staticmethod
+    def _resolve(
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+        batch: list[tuple[Op, asyncio.Future[Any], Any]],
+    ) -> None:
+        loops: dict[Any, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for outcome, (_, _, loop) in zip(outcomes, batch, strict=True):
+            loops.setdefault(loop, []).append(outcome)
+        for loop, items in loops.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in items:
+        if future.done():  # the caller went away (cancelled); the write stands
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class SQLiteStore:
+    """The embedded default store (see the module docstring)."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: str | Path, *, clock: Clock = system_clock, feed: ChangeFeed | None = None) -> None:
+        self.path = str(path)
+        self.clock = clock
+        self.feed = feed or ChangeFeed()
+        self._writer = _Writer(self.path)
+        self._reader: aiosqlite.Connection | None = None
+
+    @property
+    def writer_stats(self) -> tuple[int, int]:
+        """(commits, operations) since start: operations / commits is the mean batch size."""
+        return self._writer.batches, self._writer.operations
+
+    # Lifecycle -----------------------------------------------------------------
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        await self._writer.start()
+        await self.migrate()
+        self._reader = await aiosqlite.connect(self.path)
+        self._reader.row_factory = sqlite3.Row
+        await self._reader.execute("PRAGMA busy_timeout=10000")
+        await self._reader.execute("PRAGMA query_only=ON")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        await self._writer.stop()
+
+    async def migrate(self) -> list[str]:
+        applied: list[str] = await self._writer.run(_migrate)
+        for version in applied:
+            log.info("store.migrated", backend="sqlite", version=version)
+        return applied
+
+    async def check_ready(self) -> str | None:
+        try:
+            rows = await self._read("SELECT max(version) AS v FROM schema_migrations")
+        except Exception as exc:
+            return f"database unavailable: {exc}"
+        current = rows[0]["v"] if rows else None
+        wanted = migrations.latest("sqlite")
+        if current != wanted:
+            return f"migrations not current (database at {current}, code wants {wanted})"
+        return None
+
+    # Plumbing ------------------------------------------------------------------
+    async def _write(self, op: Op) -> Any:
+        return await self._writer.run(op)
+
+    async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        if self._reader is None:
+            raise StoreError("the store is not open")
+        try:
+            async with self._reader.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    def _published(self, applied: Applied) -> Applied:
+        if applied.transition.changed:
+            self.feed.publish(applied.task)
+        if applied.deliveries:
+            self.feed.wake("deliveries")
+        if applied.transition.jobs:
+            self.feed.wake("jobs")
+        return applied
+
+    # Tasks ---------------------------------------------------------------------
+    async def create_task(
+        self,
+        task: Task,
+        *,
+        idempotency: IdempotencyKey | None = None,
+        notify_subscription: Subscription | None = None,
+        jobs: Sequence[JobSpec] = (),
+        events: Sequence[EventType] = (),
+    ) -> CreatedTask:
+        created: CreatedTask = await self._write(
+            partial(
+                _create_task,
+                task=task,
+                idempotency=idempotency,
+                notify=notify_subscription,
+                jobs=jobs,
+                events=events,
+            )
+        )
+        if created.created:
+            self.feed.publish(created.task)
+            if jobs:
+                self.feed.wake("jobs")
+            if events:
+                self.feed.wake("deliveries")
+        return created
+
+    async def get_task(self, task_id: str) -> Task | None:
+        rows = await self._read("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return task_from_row(rows[0]) if rows else None
+
+    async def list_tasks(self, query: TaskQuery) -> list[Task]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("upstream_task_id", query.upstream_task_id),
+            ("state", query.state.value if query.state else None),
+            ("provider", query.provider),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if query.before_id:
+            where.append("id < ?")
+            params.append(query.before_id)
+        sql = "SELECT * FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(query.limit)
+        return [task_from_row(row) for row in await self._read(sql, params)]
+
+    async def transition(self, task_id: str, decide: Decide) -> Applied:
+        applied: Applied = await self._write(partial(_transition, task_id=task_id, decide=decide, now=self.clock))
+        return self._published(applied)
+
+    async def record_callback(self, callback: IncomingCallback, report: Report) -> Applied:
+        applied: Applied = await self._write(
+            partial(_record_callback, callback=callback, report=report, now=self.clock)
+        )
+        return self._published(applied)
+
+    async def list_callbacks(self, task_id: str) -> list[StoredCallback]:
+        rows = await self._read("SELECT * FROM callbacks WHERE task_id = ? ORDER BY received_at, id", (task_id,))
+        return [callback_from_row(row) for row in rows]
+
+    async def tasks_due_for_expiry(self, now: float, limit: int) -> list[str]:
+        marks = ",".join("?" * len(_OPEN_STATES))
+        rows = await self._read(
+            f"SELECT id FROM tasks WHERE state IN ({marks}) AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+            (*_OPEN_STATES, now, limit),
+        )
+        return [row["id"] for row in rows]
+
+    # Subscriptions -------------------------------------------------------------
+    async def create_subscription(self, subscription: Subscription) -> Subscription:
+        await self._write(partial(_insert_subscription, sub=subscription))
+        return subscription
+
+    async def get_subscription(self, subscription_id: str) -> Subscription | None:
+        rows = await self._read("SELECT * FROM subscriptions WHERE id = ?", (subscription_id,))
+        return subscription_from_row(rows[0]) if rows else None
+
+    async def list_subscriptions(self, *, include_task_scoped: bool = False) -> list[Subscription]:
+        sql = "SELECT * FROM subscriptions"
+        if not include_task_scoped:
+            sql += " WHERE task_id IS NULL"
+        rows = await self._read(sql + " ORDER BY id DESC")
+        return [subscription_from_row(row) for row in rows]
+
+    async def update_subscription(self, subscription_id: str, **changes: Any) -> Subscription | None:
+        unknown = set(changes) - set(SUBSCRIPTION_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown subscription fields: {sorted(unknown)}")
+        row: Subscription | None = await self._write(
+            partial(_update_subscription, subscription_id=subscription_id, changes=changes, now=self.clock())
+        )
+        if row is not None and changes.get("enabled"):
+            self.feed.wake("deliveries")  # deliveries held while it was disabled are due again
+        return row
+
+    async def delete_subscription(self, subscription_id: str) -> bool:
+        deleted: bool = await self._write(
+            partial(_delete_subscription, subscription_id=subscription_id, now=self.clock())
+        )
+        return deleted
+
+    async def emit_event(self, event_type: EventType, data: JSON, *, subscription_id: str | None = None) -> int:
+        count: int = await self._write(
+            partial(_emit_event, event_type=event_type, data=data, subscription_id=subscription_id, now=self.clock())
+        )
+        if count:
+            self.feed.wake("deliveries")
+        return count
+
+    # Deliveries ----------------------------------------------------------------
+    async def claim_deliveries(self, *, now: float, limit: int, owner: str, lease_seconds: float) -> list[DeliveryJob]:
+        jobs: list[DeliveryJob] = await self._write(
+            partial(_claim_deliveries, now=now, limit=limit, owner=owner, lease_until=now + lease_seconds)
+        )
+        return jobs
+
+    async def finish_attempt(self, delivery_id: str, owner: str, outcome: AttemptOutcome) -> None:
+        await self._write(partial(_finish_attempt, delivery_id=delivery_id, owner=owner, outcome=outcome))
+        if outcome.status is not DeliveryStatus.PENDING:
+            self.feed.wake("deliveries")  # a later event of the same task may be free to go now
+
+    async def release_leases(self, owner: str) -> int:
+        count: int = await self._write(partial(_release, owner=owner))
+        return count
+
+    async def get_delivery(self, delivery_id: str) -> Delivery | None:
+        found = await self._deliveries("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+        return found[0] if found else None
+
+    async def list_deliveries(self, query: DeliveryQuery) -> list[Delivery]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("subscription_id", query.subscription_id),
+            ("task_id", query.task_id),
+            ("status", query.status.value if query.status else None),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if query.before_id:
+            where.append("id < ?")
+            params.append(query.before_id)
+        sql = "SELECT * FROM deliveries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(query.limit)
+        return await self._deliveries(sql, params)
+
+    async def _deliveries(self, sql: str, params: Sequence[Any]) -> list[Delivery]:
+        rows = await self._read(sql, params)
+        if not rows:
+            return []
+        ids = [row["id"] for row in rows]
+        marks = ",".join("?" * len(ids))
+        attempts: dict[str, list[Any]] = {}
+        for row in await self._read(f"SELECT * FROM delivery_attempts WHERE delivery_id IN ({marks}) ORDER BY id", ids):
+            attempts.setdefault(row["delivery_id"], []).append(attempt_from_row(row))
+        return [delivery_from_row(row, tuple(attempts.get(row["id"], ()))) for row in rows]
+
+    async def retry_delivery(self, delivery_id: str, *, now: float) -> Delivery | None:
+        found: bool = await self._write(partial(_retry_delivery, delivery_id=delivery_id, now=now))
+        if not found:
+            return None
+        self.feed.wake("deliveries")
+        return await self.get_delivery(delivery_id)
+
+    async def recover_deliveries(self, subscription_id: str, *, since: float, now: float) -> int:
+        count: int = await self._write(
+            partial(_recover_deliveries, subscription_id=subscription_id, since=since, now=now)
+        )
+        if count:
+            self.feed.wake("deliveries")
+        return count
+
+    async def next_delivery_due(self) -> float | None:
+        rows = await self._read(
+            "SELECT min(d.next_attempt_at) AS due FROM deliveries d JOIN subscriptions s"
+            " ON s.id = d.subscription_id WHERE d.status = 'pending' AND s.enabled = 1"
+        )
+        due = rows[0]["due"] if rows else None
+        return float(due) if due is not None else None
+
+    # Jobs ----------------------------------------------------------------------
+    async def schedule_job(self, task_id: str, kind: str, *, run_at: float, payload: JSON) -> Job:
+        job: Job = await self._write(
+            partial(_schedule_job, task_id=task_id, spec=JobSpec(kind, run_at, payload), now=self.clock())
+        )
+        self.feed.wake("jobs")
+        return job
+
+    async def claim_jobs(
+        self, kinds: Sequence[str], *, now: float, limit: int, owner: str, lease_seconds: float
+    ) -> list[Job]:
+        jobs: list[Job] = await self._write(
+            partial(_claim_jobs, kinds=tuple(kinds), now=now, limit=limit, owner=owner, lease_until=now + lease_seconds)
+        )
+        return jobs
+
+    async def finish_job(self, job_id: str, *, reschedule_at: float | None = None, payload: JSON | None = None) -> None:
+        await self._write(partial(_finish_job, job_id=job_id, reschedule_at=reschedule_at, payload=payload))
+
+    async def next_job_due(self, kinds: Sequence[str]) -> float | None:
+        marks = ",".join("?" * len(kinds))
+        rows = await self._read(f"SELECT min(run_at) AS due FROM jobs WHERE kind IN ({marks})", tuple(kinds))
+        due = rows[0]["due"] if rows else None
+        return float(due) if due is not None else None
+
+    # Counts --------------------------------------------------------------------
+    async def counts(self) -> dict[str, Any]:
+        tasks = {
+            row["state"]: row["n"] for row in await self._read("SELECT state, count(*) AS n FROM tasks GROUP BY state")
+        }
+        pending = await self._read("SELECT count(*) AS n FROM deliveries WHERE status = 'pending'")
+        jobs = {row["kind"]: row["n"] for row in await self._read("SELECT kind, count(*) AS n FROM jobs GROUP BY kind")}
+        return {"tasks": tasks, "pending_deliveries": pending[0]["n"], "jobs": jobs}
+
+
+# --- operations run on the writer thread ---------------------------------------
+
+
+def _statements(sql: str) -> Iterable[str]:
+    buffer = ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer
+            buffer = ""
+    if buffer.strip() and not buffer.strip().startswith("--"):
+        yield buffer
+
+
+def _migrate(conn: sqlite3.Connection) -> list[str]:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for migration in migrations.load("sqlite"):
+        if migration.version in done:
+            continue
+        for statement in _statements(migration.sql):
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))",
+            (migration.version,),
+        )
+        applied.append(migration.version)
+    return applied
+
+
+def _load_task(conn: sqlite3.Connection, task_id: str) -> Task:
+    row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
+    return task_from_row(row)
+
+
+_INSERT_TASK = f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES ({', '.join(':' + c for c in TASK_COLUMNS)})"
+_UPDATE_TASK = "UPDATE tasks SET " + ", ".join(f"{c} = :{c}" for c in TASK_COLUMNS if c != "id") + " WHERE id = :id"
+_INSERT_SUBSCRIPTION = (
+    f"INSERT INTO subscriptions ({', '.join(SUBSCRIPTION_COLUMNS)})"
+    f" VALUES ({', '.join(':' + c for c in SUBSCRIPTION_COLUMNS)})"
+)
+
+
+def _create_task(
+    conn: sqlite3.Connection,
+    *,
+    task: Task,
+    idempotency: IdempotencyKey | None,
+    notify: Subscription | None,
+    jobs: Sequence[JobSpec],
+    events: Sequence[EventType],
+) -> CreatedTask:
+    if idempotency is not None:
+        row = conn.execute(
+            "SELECT fingerprint, task_id FROM idempotency_keys WHERE key = ?", (idempotency.key,)
+        ).fetchone()
+        if row is not None:
+            existing = _load_task(conn, row["task_id"])
+            return CreatedTask(existing, created=False, same_request=row["fingerprint"] == idempotency.fingerprint)
+    conn.execute(_INSERT_TASK, task_params(task))
+    if idempotency is not None:
+        conn.execute(
+            "INSERT INTO idempotency_keys (key, fingerprint, task_id, created_at) VALUES (?, ?, ?, ?)",
+            (idempotency.key, idempotency.fingerprint, task.id, task.created_at),
+        )
+    if notify is not None:
+        _insert_subscription(conn, sub=notify)
+    for spec in jobs:
+        _schedule_job(conn, task_id=task.id, spec=spec, now=task.created_at)
+    for event_type in events:
+        body = task_event_body(event_type, task, now=task.created_at)
+        _insert_event(conn, event_type, body, task, task.created_at)
+    return CreatedTask(task, created=True)
+
+
+def _apply(conn: sqlite3.Connection, before: Task, transition: Transition, now: float) -> Applied:
+    new = transition.task
+    if new is None:
+        return Applied(before, transition)
+    try:
+        conn.execute(_UPDATE_TASK, task_params(new))
+    except sqlite3.IntegrityError as exc:  # another task already owns that upstream id
+        raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id) from exc
+    deliveries = 0
+    for event_type in transition.events:
+        deliveries += _insert_event(conn, event_type, task_event_body(event_type, new, now=now), new, now)
+    if new.terminal and not before.terminal:
+        kept = [spec.kind for spec in transition.jobs]
+        marks = ",".join("?" * len(kept))
+        conn.execute(
+            f"DELETE FROM jobs WHERE task_id = ? AND kind NOT IN ({marks})"
+            if kept
+            else "DELETE FROM jobs WHERE task_id = ?",
+            (new.id, *kept),
+        )
+    for spec in transition.jobs:
+        _schedule_job(conn, task_id=new.id, spec=spec, now=now)
+    return Applied(new, transition, deliveries)
+
+
+def _insert_event(
+    conn: sqlite3.Connection,
+    event_type: EventType,
+    body: bytes,
+    task: Task | None,
+    now: float,
+    subscription_id: str | None = None,
+) -> int:
+    """Write one event and a delivery per subscription that wants it; returns the deliveries."""
+    event_id = new_id("evt")
+    task_id = task.id if task else None
+    sequence = task.sequence if task else 0
+    conn.execute(
+        "INSERT INTO events (id, task_id, type, sequence, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (event_id, task_id, event_type.value, sequence, body, now),
+    )
+    if subscription_id is not None:
+        rows = conn.execute("SELECT id, events FROM subscriptions WHERE id = ?", (subscription_id,)).fetchall()
+    elif task_id is not None:
+        rows = conn.execute(
+            "SELECT id, events FROM subscriptions WHERE enabled = 1 AND (task_id IS NULL OR task_id = ?)",
+            (task_id,),
+        ).fetchall()
+    else:
+        rows = conn.execute("SELECT id, events FROM subscriptions WHERE enabled = 1 AND task_id IS NULL").fetchall()
+    count = 0
+    for row in rows:
+        if subscription_id is None and not matches(tuple(orjson.loads(row["events"])), event_type.value):
+            continue
+        conn.execute(
+            "INSERT INTO deliveries (id, event_id, subscription_id, task_id, event_type, sequence, status,"
+            " attempt_count, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+            (new_id("dlv"), event_id, row["id"], task_id, event_type.value, sequence, now, now, now),
+        )
+        count += 1
+    return count
+
+
+def _transition(conn: sqlite3.Connection, *, task_id: str, decide: Decide, now: Clock) -> Applied:
+    task = _load_task(conn, task_id)
+    return _apply(conn, task, decide(task), now())
+
+
+def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, report: Report, now: Clock) -> Applied:
+    task = _load_task(conn, callback.task_id)
+    duplicate = (
+        conn.execute(
+            "SELECT 1 FROM callbacks WHERE task_id = ? AND body_sha256 = ? LIMIT 1",
+            (callback.task_id, callback.body_sha256),
+        ).fetchone()
+        is not None
+    )
+    moment = now()
+    applied = _apply(conn, task, apply_report(task, report, now=moment, duplicate=duplicate), moment)
+    conn.execute(
+        "INSERT INTO callbacks (id, task_id, received_at, body, headers, body_sha256, verdict, reason,"
+        " dialect, reported_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            callback.id,
+            callback.task_id,
+            callback.received_at,
+            callback.body,
+            dumps(dict(callback.headers)),
+            callback.body_sha256,
+            applied.verdict.value,
+            applied.transition.reason,
+            report.dialect,
+            report.state.value,
+        ),
+    )
+    return applied
+
+
+def _insert_subscription(conn: sqlite3.Connection, *, sub: Subscription) -> None:
+    conn.execute(_INSERT_SUBSCRIPTION, subscription_params(sub))
+
+
+def _update_subscription(
+    conn: sqlite3.Connection, *, subscription_id: str, changes: dict[str, Any], now: float
+) -> Subscription | None:
+    row = conn.execute("SELECT * FROM subscriptions WHERE id = ?", (subscription_id,)).fetchone()
+    if row is None:
+        return None
+    updated = subscription_from_row(row).replace(**changes, updated_at=now)
+    params = subscription_params(updated)
+    sets = ", ".join(f"{c} = :{c}" for c in SUBSCRIPTION_COLUMNS if c != "id")
+    conn.execute(f"UPDATE subscriptions SET {sets} WHERE id = :id", params)
+    return subscription_from_row(
+        conn.execute("SELECT * FROM subscriptions WHERE id = ?", (subscription_id,)).fetchone()
+    )
+
+
+def _delete_subscription(conn: sqlite3.Connection, *, subscription_id: str, now: float) -> bool:
+    # Pending deliveries of a deleted subscription can never go out: close them.
+    conn.execute(
+        "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
+        " WHERE subscription_id = ? AND status = 'pending'",
+        (now, subscription_id),
+    )
+    return conn.execute("DELETE FROM subscriptions WHERE id = ?", (subscription_id,)).rowcount > 0
+
+
+def _emit_event(
+    conn: sqlite3.Connection, *, event_type: EventType, data: JSON, subscription_id: str | None, now: float
+) -> int:
+    return _insert_event(conn, event_type, event_body(event_type, data, now=now), None, now, subscription_id)
+
+
+_CLAIMABLE = """
+    SELECT d.id FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
+     WHERE d.status = 'pending' AND d.next_attempt_at <= :now
+       AND (d.lease_until IS NULL OR d.lease_until < :now)
+       AND s.enabled = 1
+       AND NOT EXISTS (
+           SELECT 1 FROM deliveries p
+            WHERE p.status = 'pending' AND p.subscription_id = d.subscription_id
+              AND p.task_id = d.task_id AND p.sequence < d.sequence)
+     ORDER BY d.next_attempt_at, d.id
+     LIMIT :limit
+"""
+
+
+def _claim_deliveries(
+    conn: sqlite3.Connection, *, now: float, limit: int, owner: str, lease_until: float
+) -> list[DeliveryJob]:
+    ids = [row["id"] for row in conn.execute(_CLAIMABLE, {"now": now, "limit": limit})]
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    conn.execute(
+        f"UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})", (owner, lease_until, *ids)
+    )
+    rows = conn.execute(
+        f"SELECT d.*, e.body AS event_body FROM deliveries d JOIN events e ON e.id = d.event_id"
+        f" WHERE d.id IN ({marks}) ORDER BY d.next_attempt_at, d.id",
+        ids,
+    ).fetchall()
+    subs = {
+        row["id"]: subscription_from_row(row)
+        for row in conn.execute(
+            f"SELECT * FROM subscriptions WHERE id IN ({','.join('?' * len(rows))})",
+            [row["subscription_id"] for row in rows],
+        )
+    }
+    return [DeliveryJob(delivery_from_row(row), subs[row["subscription_id"]], bytes(row["event_body"])) for row in rows]
+
+
+def _finish_attempt(conn: sqlite3.Connection, *, delivery_id: str, owner: str, outcome: AttemptOutcome) -> None:
+    row = conn.execute("SELECT lease_owner, subscription_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+    if row is None:
+        return
+    attempt = outcome.attempt
+    conn.execute(
+        "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, error, response_body)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (delivery_id, attempt.at, attempt.status_code, attempt.latency_ms, attempt.error, attempt.response_body),
+    )
+    if row["lease_owner"] == owner:
+        conn.execute(
+            "UPDATE deliveries SET status = ?, attempt_count = attempt_count + 1, next_attempt_at = ?,"
+            " lease_owner = NULL, lease_until = NULL, updated_at = ? WHERE id = ?",
+            (outcome.status.value, outcome.next_attempt_at, attempt.at, delivery_id),
+        )
+    else:
+        conn.execute("UPDATE deliveries SET attempt_count = attempt_count + 1 WHERE id = ?", (delivery_id,))
+    if outcome.status is DeliveryStatus.SUCCEEDED:
+        conn.execute(
+            "UPDATE subscriptions SET failing_since = NULL WHERE id = ? AND failing_since IS NOT NULL",
+            (row["subscription_id"],),
+        )
+    else:
+        conn.execute(
+            "UPDATE subscriptions SET failing_since = ? WHERE id = ? AND failing_since IS NULL",
+            (attempt.at, row["subscription_id"]),
+        )
+    if outcome.disable:
+        conn.execute(
+            "UPDATE subscriptions SET enabled = 0, disabled_reason = ?, updated_at = ? WHERE id = ?",
+            (outcome.disable, attempt.at, row["subscription_id"]),
+        )
+
+
+def _release(conn: sqlite3.Connection, *, owner: str) -> int:
+    released = 0
+    for table in ("deliveries", "jobs"):
+        released += conn.execute(
+            f"UPDATE {table} SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)
+        ).rowcount
+    return released
+
+
+def _retry_delivery(conn: sqlite3.Connection, *, delivery_id: str, now: float) -> bool:
+    return (
+        conn.execute(
+            "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_owner = NULL, lease_until = NULL,"
+            " updated_at = ? WHERE id = ?",
+            (now, now, delivery_id),
+        ).rowcount
+        > 0
+    )
+
+
+def _recover_deliveries(conn: sqlite3.Connection, *, subscription_id: str, since: float, now: float) -> int:
+    return conn.execute(
+        "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, updated_at = ?"
+        " WHERE subscription_id = ? AND status = 'failed' AND created_at >= ?",
+        (now, now, subscription_id, since),
+    ).rowcount
+
+
+def _schedule_job(conn: sqlite3.Connection, *, task_id: str, spec: JobSpec, now: float) -> Job:
+    job_id = new_id("job")
+    conn.execute(
+        "INSERT INTO jobs (id, kind, task_id, run_at, attempts, payload, created_at) VALUES (?, ?, ?, ?, 0, ?, ?)"
+        " ON CONFLICT (kind, task_id) DO UPDATE SET run_at = excluded.run_at, payload = excluded.payload,"
+        " lease_owner = NULL, lease_until = NULL",
+        (job_id, spec.kind, task_id, spec.run_at, dumps(spec.payload), now),
+    )
+    row = conn.execute("SELECT * FROM jobs WHERE kind = ? AND task_id = ?", (spec.kind, task_id)).fetchone()
+    return job_from_row(row)
+
+
+def _claim_jobs(
+    conn: sqlite3.Connection, *, kinds: tuple[str, ...], now: float, limit: int, owner: str, lease_until: float
+) -> list[Job]:
+    marks = ",".join("?" * len(kinds))
+    rows = conn.execute(
+        f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE id IN ("
+        f" SELECT id FROM jobs WHERE kind IN ({marks}) AND run_at <= ?"
+        f" AND (lease_until IS NULL OR lease_until < ?) ORDER BY run_at LIMIT ?) RETURNING *",
+        (owner, lease_until, *kinds, now, now, limit),
+    ).fetchall()
+    return sorted((job_from_row(row) for row in rows), key=lambda job: job.run_at)
+
+
+def _finish_job(conn: sqlite3.Connection, *, job_id: str, reschedule_at: float | None, payload: JSON | None) -> None:
+    if reschedule_at is None:
+        conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return
+    conn.execute(
+        "UPDATE jobs SET run_at = ?, attempts = attempts + 1, payload = COALESCE(?, payload),"
+        " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+        (reschedule_at, None if payload is None else dumps(payload), job_id),
+    )

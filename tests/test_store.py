@@ -1,0 +1,444 @@
+"""The store contract: written once, run against every backend (the `store` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from receiver.errors import NotFound, TaskMismatch
+from receiver.ids import new_id
+from receiver.store.base import (
+    Attempt,
+    AttemptOutcome,
+    DeliveryQuery,
+    IdempotencyKey,
+    IncomingCallback,
+    Store,
+    Subscription,
+    TaskQuery,
+)
+from receiver.store.sqlite import SQLiteStore
+from receiver.tasks import JobSpec, Report, Task, apply_report, cancel, record_submission
+from receiver.types import DeliveryStatus, EventType, TaskState, Verdict
+
+pytestmark = pytest.mark.anyio
+
+IMAGE = {"url": "https://cdn.example/a.png"}
+
+
+async def _open_sqlite(tmp_path: Path) -> Store:
+    store = SQLiteStore(tmp_path / "contract.db")
+    await store.open()
+    return store
+
+
+BACKENDS = {"sqlite": _open_sqlite}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await BACKENDS[request.param](tmp_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def make_task(**changes) -> Task:
+    now = time.time()
+    base = Task(
+        id=new_id("tsk"),
+        provider="xhuoapi",
+        model="gpt-image-2",
+        state=TaskState.QUEUED,
+        request={"prompt": "p"},
+        metadata={"order": 7},
+        created_at=now,
+        updated_at=now,
+        expires_at=now + 3600,
+    )
+    return base.replace(**changes)
+
+
+def callback(task: Task, body: bytes = b'{"success": true}') -> IncomingCallback:
+    return IncomingCallback(
+        id=new_id("cb"),
+        task_id=task.id,
+        received_at=time.time(),
+        body=body,
+        headers={"content-type": "application/json"},
+        body_sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
+def subscription(events=("*",), **changes) -> Subscription:
+    now = time.time()
+    base = Subscription(
+        id=new_id("sub"), url="http://127.0.0.1:9/hook", events=tuple(events), secret="whsec_c2VjcmV0",
+        created_at=now, updated_at=now,
+    )
+    return base.replace(**changes) if changes else base
+
+
+def succeeded(upstream: str | None = "up-1") -> Report:
+    return Report(TaskState.SUCCEEDED, upstream, images=(IMAGE,), dialect="xhuoapi")
+
+
+async def submitted(store: Store, **changes) -> Task:
+    task = make_task(**changes)
+    await store.create_task(task)
+    applied = await store.transition(task.id, lambda t: record_submission(t, "up-" + task.id, now=time.time()))
+    return applied.task
+
+
+# --- tasks ------------------------------------------------------------------------
+
+
+async def test_tasks_round_trip(store: Store) -> None:
+    task = make_task(notify_url="http://127.0.0.1:9/n", warnings=("dropped 'style'",))
+    created = await store.create_task(task)
+    assert created.created and created.task == task
+    assert await store.get_task(task.id) == task
+    assert await store.get_task("tsk_missing") is None
+
+
+async def test_idempotency_keys(store: Store) -> None:
+    first = make_task()
+    key = IdempotencyKey("scope:key-1", "fp-a")
+    assert (await store.create_task(first, idempotency=key)).created
+    again = await store.create_task(make_task(), idempotency=key)
+    assert (again.created, again.same_request, again.task.id) == (False, True, first.id)
+    other = await store.create_task(make_task(), idempotency=IdempotencyKey("scope:key-1", "fp-b"))
+    assert (other.created, other.same_request, other.task.id) == (False, False, first.id)
+    assert len(await store.list_tasks(TaskQuery(limit=10))) == 1
+
+
+async def test_transitions_are_written_with_their_events(store: Store) -> None:
+    sub = await store.create_subscription(subscription(events=("task.succeeded",)))
+    everything = await store.create_subscription(subscription())
+    task = await submitted(store)
+    applied = await store.transition(task.id, lambda t: apply_report(t, succeeded(t.upstream_task_id), now=time.time()))
+    assert applied.task.state is TaskState.SUCCEEDED and applied.task.sequence == 3
+    assert applied.deliveries == 2
+    deliveries = await store.list_deliveries(DeliveryQuery(task_id=task.id))
+    by_sub = {(d.subscription_id, d.event_type) for d in deliveries}
+    assert by_sub == {
+        (everything.id, "task.submitted"),
+        (everything.id, "task.succeeded"),
+        (sub.id, "task.succeeded"),
+    }
+    assert all(d.status is DeliveryStatus.PENDING for d in deliveries)
+
+
+async def test_a_failed_decision_writes_nothing(store: Store) -> None:
+    task = await submitted(store)
+
+    def boom(t: Task):
+        raise RuntimeError("decided badly")
+
+    with pytest.raises(RuntimeError):
+        await store.transition(task.id, boom)
+    assert await store.get_task(task.id) == task
+    with pytest.raises(NotFound):
+        await store.transition("tsk_missing", lambda t: cancel(t, now=time.time()))
+
+
+async def test_callbacks_are_logged_with_their_verdict(store: Store) -> None:
+    task = await submitted(store)
+    body = b'{"success": true, "task_id": "x"}'
+    first = await store.record_callback(callback(task, body), succeeded(task.upstream_task_id))
+    assert first.verdict is Verdict.ACCEPTED and first.task.state is TaskState.SUCCEEDED
+    again = await store.record_callback(callback(task, body), succeeded(task.upstream_task_id))
+    assert again.verdict is Verdict.DUPLICATE and again.task == first.task
+    late = await store.record_callback(
+        callback(task, b'{"other": 1}'), Report(TaskState.RUNNING, task.upstream_task_id)
+    )
+    assert late.verdict is Verdict.IGNORED and late.transition.reason == "late"
+    logged = await store.list_callbacks(task.id)
+    assert [c.verdict for c in logged] == [Verdict.ACCEPTED, Verdict.DUPLICATE, Verdict.IGNORED]
+    assert logged[0].body == body and logged[0].headers == {"content-type": "application/json"}
+    assert logged[0].dialect == "xhuoapi" and logged[0].reported_state == "succeeded"
+
+
+async def test_a_mismatched_callback_stores_nothing(store: Store) -> None:
+    task = await submitted(store)
+    with pytest.raises(TaskMismatch):
+        await store.record_callback(callback(task), succeeded("someone-else"))
+    assert await store.list_callbacks(task.id) == []
+    assert await store.get_task(task.id) == task
+    with pytest.raises(NotFound):
+        await store.record_callback(callback(make_task()), succeeded())
+
+
+async def test_an_upstream_id_belongs_to_one_task(store: Store) -> None:
+    first = await submitted(store)
+    second = make_task()
+    await store.create_task(second)
+    with pytest.raises(TaskMismatch):
+        await store.record_callback(callback(second), succeeded(first.upstream_task_id))
+    assert (await store.get_task(second.id)) == second
+
+
+async def test_listing_filters_and_pages(store: Store) -> None:
+    tasks = []
+    for i in range(5):
+        tasks.append(make_task(provider="xhuoapi" if i % 2 else "other"))
+        await store.create_task(tasks[-1])
+        await asyncio.sleep(0.002)  # ids are time-ordered to the millisecond
+    newest_first = [t.id for t in reversed(tasks)]
+    page = await store.list_tasks(TaskQuery(limit=2))
+    assert [t.id for t in page] == newest_first[:2]
+    page2 = await store.list_tasks(TaskQuery(limit=2, before_id=page[-1].id))
+    assert [t.id for t in page2] == newest_first[2:4]
+    only = await store.list_tasks(TaskQuery(provider="other", limit=10))
+    assert {t.id for t in only} == {tasks[0].id, tasks[2].id, tasks[4].id}
+    done = await submitted(store)
+    await store.transition(done.id, lambda t: cancel(t, now=time.time()))
+    assert [t.id for t in await store.list_tasks(TaskQuery(state=TaskState.CANCELLED))] == [done.id]
+    assert [t.id for t in await store.list_tasks(TaskQuery(upstream_task_id=done.upstream_task_id))] == [done.id]
+
+
+async def test_tasks_due_for_expiry(store: Store) -> None:
+    now = time.time()
+    late = make_task(expires_at=now - 1)
+    fresh = make_task(expires_at=now + 100)
+    finished = make_task(expires_at=now - 1, state=TaskState.SUCCEEDED)
+    for task in (late, fresh, finished):
+        await store.create_task(task)
+    assert await store.tasks_due_for_expiry(now, 10) == [late.id]
+
+
+async def test_changes_are_published_after_commit(store: Store) -> None:
+    task = await submitted(store)
+    with store.feed.listen(task.id) as changes:
+        await store.transition(task.id, lambda t: cancel(t, now=time.time()))
+        published = await asyncio.wait_for(changes.get(), 1)
+    assert published.state is TaskState.CANCELLED
+    assert (await store.get_task(task.id)) == published
+
+
+async def test_concurrent_writes_all_land(store: Store) -> None:
+    tasks = [await submitted(store) for _ in range(40)]
+    results = await asyncio.gather(
+        *(store.record_callback(callback(t), succeeded(t.upstream_task_id)) for t in tasks)
+    )
+    assert all(r.task.state is TaskState.SUCCEEDED for r in results)
+    counts = await store.counts()
+    assert counts["tasks"]["succeeded"] == 40
+
+
+# --- subscriptions and deliveries -------------------------------------------------
+
+
+async def test_subscriptions_crud(store: Store) -> None:
+    sub = await store.create_subscription(subscription(description="mine"))
+    assert await store.get_subscription(sub.id) == sub
+    updated = await store.update_subscription(sub.id, enabled=False, events=("task.failed",))
+    assert updated is not None and not updated.enabled and updated.events == ("task.failed",)
+    assert [s.id for s in await store.list_subscriptions()] == [sub.id]
+    assert await store.delete_subscription(sub.id)
+    assert await store.get_subscription(sub.id) is None
+    assert not await store.delete_subscription(sub.id)
+    assert await store.update_subscription(sub.id, enabled=True) is None
+
+
+async def test_notify_subscriptions_are_task_scoped(store: Store) -> None:
+    task = make_task(notify_url="http://127.0.0.1:9/n")
+    scoped = subscription(task_id=task.id, uses_notify_secret=True, secret="")
+    await store.create_task(task, notify_subscription=scoped)
+    other = make_task()
+    await store.create_task(other)
+    await store.transition(other.id, lambda t: cancel(t, now=time.time()))
+    await store.transition(task.id, lambda t: cancel(t, now=time.time()))
+    deliveries = await store.list_deliveries(DeliveryQuery(subscription_id=scoped.id))
+    assert [d.task_id for d in deliveries] == [task.id]
+    assert await store.list_subscriptions() == []
+    assert [s.id for s in await store.list_subscriptions(include_task_scoped=True)] == [scoped.id]
+
+
+async def test_deliveries_go_in_sequence_per_task(store: Store) -> None:
+    sub = await store.create_subscription(subscription())
+    a = await submitted(store)  # task.submitted pending for `a`
+    await store.transition(a.id, lambda t: apply_report(t, Report(TaskState.RUNNING), now=time.time()))
+    b = await submitted(store)
+    now = time.time() + 1
+    claimed = await store.claim_deliveries(now=now, limit=10, owner="w1", lease_seconds=30)
+    # a's "running" waits behind a's "submitted"; b's own first event goes.
+    assert sorted((j.delivery.task_id, j.delivery.event_type) for j in claimed) == sorted(
+        [(a.id, "task.submitted"), (b.id, "task.submitted")]
+    )
+    assert all(j.subscription.id == sub.id and j.body.startswith(b'{"type":"task.submitted"') for j in claimed)
+    assert await store.claim_deliveries(now=now, limit=10, owner="w2", lease_seconds=30) == []  # leased
+
+    first = next(j for j in claimed if j.delivery.task_id == a.id)
+    attempt = Attempt(at=now, status_code=200, latency_ms=3.0)
+    await store.finish_attempt(first.delivery.id, "w1", AttemptOutcome(attempt, DeliveryStatus.SUCCEEDED))
+    after = await store.claim_deliveries(now=now, limit=10, owner="w1", lease_seconds=30)
+    assert [(j.delivery.task_id, j.delivery.event_type) for j in after] == [(a.id, "task.running")]
+
+
+async def test_leases_expire(store: Store) -> None:
+    await store.create_subscription(subscription())
+    await submitted(store)
+    now = time.time() + 1
+    assert len(await store.claim_deliveries(now=now, limit=10, owner="dead", lease_seconds=5)) == 1
+    assert await store.claim_deliveries(now=now + 4, limit=10, owner="w2", lease_seconds=5) == []
+    assert len(await store.claim_deliveries(now=now + 6, limit=10, owner="w2", lease_seconds=5)) == 1
+
+
+async def test_released_leases_are_claimable_at_once(store: Store) -> None:
+    await store.create_subscription(subscription())
+    await submitted(store)
+    now = time.time() + 1
+    assert len(await store.claim_deliveries(now=now, limit=10, owner="w1", lease_seconds=60)) == 1
+    assert await store.release_leases("w1") == 1
+    assert len(await store.claim_deliveries(now=now, limit=10, owner="w2", lease_seconds=60)) == 1
+
+
+async def test_attempts_retries_and_failure(store: Store) -> None:
+    sub = await store.create_subscription(subscription())
+    task = await submitted(store)
+    now = time.time() + 1
+    [job] = await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=30)
+    failed = Attempt(at=now, status_code=503, latency_ms=12.5, error="HTTP 503", response_body="busy")
+    await store.finish_attempt(
+        job.delivery.id, "w", AttemptOutcome(failed, DeliveryStatus.PENDING, next_attempt_at=now + 5)
+    )
+    assert await store.claim_deliveries(now=now + 1, limit=10, owner="w", lease_seconds=30) == []
+    assert await store.next_delivery_due() == pytest.approx(now + 5)
+    [job] = await store.claim_deliveries(now=now + 5, limit=10, owner="w", lease_seconds=30)
+    assert job.delivery.attempt_count == 1
+    last = Attempt(at=now + 5, status_code=None, latency_ms=10000, error="timeout")
+    await store.finish_attempt(
+        job.delivery.id, "w", AttemptOutcome(last, DeliveryStatus.FAILED, disable="endpoint failing for 5 days")
+    )
+    delivery = await store.get_delivery(job.delivery.id)
+    assert delivery is not None and delivery.status is DeliveryStatus.FAILED and delivery.attempt_count == 2
+    assert [a.status_code for a in delivery.attempts] == [503, None]
+    assert delivery.attempts[0].response_body == "busy"
+    disabled = await store.get_subscription(sub.id)
+    assert disabled is not None and not disabled.enabled and disabled.failing_since == pytest.approx(now)
+    assert disabled.disabled_reason == "endpoint failing for 5 days"
+    failed_list = await store.list_deliveries(DeliveryQuery(status=DeliveryStatus.FAILED, task_id=task.id))
+    assert [d.id for d in failed_list] == [delivery.id]
+
+    await store.update_subscription(sub.id, enabled=True)
+    retried = await store.retry_delivery(delivery.id, now=now + 10)
+    assert retried is not None and retried.status is DeliveryStatus.PENDING
+    assert await store.retry_delivery("dlv_missing", now=now) is None
+
+
+async def test_recover_resends_failures_since(store: Store) -> None:
+    sub = await store.create_subscription(subscription())
+    for _ in range(3):
+        await submitted(store)
+    now = time.time() + 1
+    jobs = await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=30)
+    for job in jobs:
+        attempt = Attempt(at=now, status_code=500, latency_ms=1)
+        await store.finish_attempt(job.delivery.id, "w", AttemptOutcome(attempt, DeliveryStatus.FAILED))
+    assert await store.recover_deliveries(sub.id, since=0, now=now) == 3
+    assert len(await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=30)) == 3
+
+
+async def test_deleting_a_subscription_closes_its_deliveries(store: Store) -> None:
+    sub = await store.create_subscription(subscription())
+    await submitted(store)
+    await store.delete_subscription(sub.id)
+    assert await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30) == []
+    assert await store.next_delivery_due() is None
+
+
+async def test_disabled_subscriptions_hold_their_deliveries(store: Store) -> None:
+    sub = await store.create_subscription(subscription())
+    await submitted(store)
+    await store.update_subscription(sub.id, enabled=False)
+    assert await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30) == []
+    await store.update_subscription(sub.id, enabled=True)
+    assert len(await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)) == 1
+
+
+async def test_events_outside_tasks_reach_one_subscription(store: Store) -> None:
+    sub = await store.create_subscription(subscription(events=("task.failed",)))
+    await store.create_subscription(subscription())
+    assert await store.emit_event(EventType.PING, {"subscription_id": sub.id}, subscription_id=sub.id) == 1
+    [job] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)
+    assert job.subscription.id == sub.id and job.delivery.event_type == "ping" and job.delivery.task_id is None
+
+
+# --- jobs -------------------------------------------------------------------------
+
+
+async def test_jobs_are_leased_rescheduled_and_finished(store: Store) -> None:
+    task = make_task()
+    now = time.time()
+    await store.create_task(task, jobs=[JobSpec("poll", now, {"poll_url": "/v1/tasks/x"})])
+    [job] = await store.claim_jobs(["poll"], now=now, limit=5, owner="w", lease_seconds=30)
+    assert job.task_id == task.id and job.payload == {"poll_url": "/v1/tasks/x"} and job.attempts == 0
+    assert await store.claim_jobs(["poll"], now=now, limit=5, owner="w2", lease_seconds=30) == []
+    await store.finish_job(job.id, reschedule_at=now + 4, payload={"poll_url": "/v1/tasks/x", "delay": 4})
+    assert await store.next_job_due(["poll"]) == pytest.approx(now + 4)
+    assert await store.claim_jobs(["poll"], now=now + 1, limit=5, owner="w", lease_seconds=30) == []
+    [again] = await store.claim_jobs(["poll"], now=now + 4, limit=5, owner="w", lease_seconds=30)
+    assert again.attempts == 1 and again.payload["delay"] == 4
+    await store.finish_job(again.id)
+    assert await store.next_job_due(["poll"]) is None
+
+
+async def test_terminal_tasks_drop_their_jobs(store: Store) -> None:
+    task = make_task()
+    await store.create_task(task)
+    await store.schedule_job(task.id, "poll", run_at=time.time(), payload={})
+    await store.transition(task.id, lambda t: cancel(t, now=time.time()))
+    assert await store.claim_jobs(["poll"], now=time.time() + 1, limit=5, owner="w", lease_seconds=30) == []
+
+
+async def test_transitions_schedule_jobs(store: Store) -> None:
+    task = await submitted(store)
+    now = time.time()
+    await store.transition(
+        task.id,
+        lambda t: apply_report(t, succeeded(t.upstream_task_id), now=now).with_jobs(JobSpec("mirror", now, {})),
+    )
+    [job] = await store.claim_jobs(["mirror"], now=now + 1, limit=5, owner="w", lease_seconds=30)
+    assert job.task_id == task.id
+
+
+# --- backend specifics ------------------------------------------------------------
+
+
+async def test_sqlite_commits_concurrent_writes_together(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "group.db")
+    await store.open()
+    try:
+        tasks = [make_task() for _ in range(200)]
+        before = store.writer_stats
+        await asyncio.gather(*(store.create_task(t) for t in tasks))
+        commits, operations = (a - b for a, b in zip(store.writer_stats, before, strict=True))
+        assert operations == 200
+        assert commits < operations / 4, f"{commits} commits for {operations} writes"
+    finally:
+        await store.close()
+
+
+async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "durable.db")
+    await store.open()
+    task = await submitted(store)
+    await store.record_callback(callback(task), succeeded(task.upstream_task_id))
+    await store.close()
+    reopened = SQLiteStore(tmp_path / "durable.db")
+    await reopened.open()
+    try:
+        again = await reopened.get_task(task.id)
+        assert again is not None and again.state is TaskState.SUCCEEDED
+        assert len(await reopened.list_callbacks(task.id)) == 1
+        assert await reopened.check_ready() is None
+        assert await reopened.migrate() == []  # nothing left to apply
+    finally:
+        await reopened.close()
