@@ -1,0 +1,63 @@
+"""Providers (who we submit to) and callback dialects (what we can read).
+
+registry = Providers(settings, client)
+provider = registry.get("xhuoapi")
+report = dialect_for("auto", payload).parse(payload)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+
+from receiver.config import Settings
+from receiver.errors import InvalidPayload
+from receiver.providers.base import Dialect, Provider
+from receiver.providers.xhuoapi import XhuoapiDialect, XhuoapiProvider
+from receiver.types import JSON
+
+#: Callback dialects by name; `auto` tries them in this order.
+DIALECTS: dict[str, Dialect] = {
+    "xhuoapi": XhuoapiDialect(),
+}
+
+ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
+
+PROVIDERS: dict[str, ProviderFactory] = {
+    "xhuoapi": lambda s, c: XhuoapiProvider(s.provider("xhuoapi"), c, timeout=s.provider_timeout),
+}
+
+#: Dialects a task minted by POST /v1/callback-urls may name.
+CALLBACK_DIALECTS = (*DIALECTS, "auto")
+
+
+class Providers:
+    """The configured providers, built once per app around the shared HTTP client."""
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient) -> None:
+        self._built = {name: factory(settings, client) for name, factory in PROVIDERS.items()}
+
+    def get(self, name: str) -> Provider:
+        return self._built[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._built
+
+
+def detect(payload: JSON) -> Dialect:
+    """The dialect `payload` is written in; InvalidPayload if none recognises it."""
+    for dialect in DIALECTS.values():
+        if dialect.detect(payload):
+            return dialect
+    raise InvalidPayload("No known callback dialect recognises this payload.")
+
+
+def dialect_for(name: str, payload: JSON) -> Dialect:
+    """The dialect of a task whose provider (or callback dialect) is `name`."""
+    if name == "auto":
+        return detect(payload)
+    dialect = DIALECTS.get(name)
+    if dialect is None:
+        raise InvalidPayload(f"The receiver cannot read '{name}' callbacks.")
+    return dialect

@@ -1,0 +1,203 @@
+"""The Provider and Dialect protocols, and the HTTP plumbing providers share.
+
+A *provider* submits tasks upstream; a *dialect* reads the callbacks a
+provider (or another service's provider) posts back. Each provider module
+implements both for its own API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import orjson
+
+from receiver.config import ProviderSettings
+from receiver.errors import InvalidPayload, ProviderError
+from receiver.tasks import Report, Task
+from receiver.types import JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A reference file the client uploaded (multipart), forwarded as is."""
+
+    field: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What the provider answered to a submission.
+
+    `report` is set when the answer already tells the outcome (a synchronous
+    provider, or one that finished at once); `poll_url` when the result must
+    be fetched by polling.
+    """
+
+    upstream_task_id: str | None
+    report: Report | None = None
+    poll_url: str | None = None
+    raw: JSON = field(default_factory=dict)
+
+
+class Provider(Protocol):
+    """Submits tasks to one upstream API."""
+
+    name: str
+    dialect: str  # the callback dialect its callbacks speak
+
+    async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
+        """Send `task` upstream; raise ProviderError if it is refused or unreachable."""
+
+
+class Dialect(Protocol):
+    """Reads one callback shape into a Report."""
+
+    name: str
+
+    def detect(self, payload: JSON) -> bool:
+        """Does `payload` look like this dialect (for `auto`)?"""
+
+    def parse(self, payload: JSON) -> Report:
+        """The report in `payload`; InvalidPayload if it is not this dialect."""
+
+
+def bearer_headers(settings: ProviderSettings) -> dict[str, str]:
+    headers = {"accept": "application/json"}
+    if settings.api_key is not None:
+        headers["authorization"] = f"Bearer {settings.api_key}"
+    return headers
+
+
+async def call(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    provider: str,
+    timeout: float,
+    **kwargs: Any,
+) -> httpx.Response:
+    """One upstream request; transport failures and error statuses become ProviderError."""
+    try:
+        response = await client.request(method, url, timeout=timeout, follow_redirects=False, **kwargs)
+    except httpx.TimeoutException as exc:
+        raise ProviderError(
+            f"{provider} did not answer within {timeout:g} s.", provider=provider, code="upstream_timeout"
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise ProviderError(
+            f"{provider} could not be reached: {type(exc).__name__}.", provider=provider, code="upstream_unreachable"
+        ) from exc
+    if response.status_code >= 400:
+        raise refusal(provider, response)
+    return response
+
+
+_REFUSAL_CODES = {
+    400: "upstream_invalid_parameters",
+    401: "upstream_unauthorized",
+    402: "upstream_billing",
+    403: "upstream_forbidden",
+    404: "upstream_not_found",
+    429: "upstream_rate_limited",
+}
+
+
+def refusal(provider: str, response: httpx.Response) -> ProviderError:
+    """A ProviderError carrying the provider's own error code, message and body."""
+    body: Any
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = response.text[:1024] or None
+    code = _REFUSAL_CODES.get(response.status_code, "upstream_error")
+    message = f"{provider} answered HTTP {response.status_code}."
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        if isinstance(error.get("message"), str):
+            message = f"{provider}: {error['message']}"
+        if isinstance(error.get("code"), str) and error["code"]:
+            body = {**body, "error": error}
+    elif isinstance(error, str):
+        message = f"{provider}: {error}"
+    elif isinstance(body, dict) and isinstance(body.get("detail"), str):
+        message = f"{provider}: {body['detail']}"
+    return ProviderError(message, provider=provider, code=code, status_code=response.status_code, body=body)
+
+
+def json_object(response: httpx.Response, provider: str) -> JSON:
+    """The answer's JSON object; ProviderError if it is anything else."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise ProviderError(
+            f"{provider} answered something that is not JSON.",
+            provider=provider,
+            code="upstream_garbled",
+            status_code=response.status_code,
+            body=response.text[:1024],
+        ) from exc
+    if not isinstance(body, dict):
+        raise ProviderError(
+            f"{provider} answered JSON that is not an object.",
+            provider=provider,
+            code="upstream_garbled",
+            status_code=response.status_code,
+            body=body,
+        )
+    return body
+
+
+# --- helpers for dialect parsers ------------------------------------------------
+
+
+def optional_str(payload: Mapping[str, Any], key: str) -> str | None:
+    """`payload[key]` if it is a non-empty string (numbers are accepted as ids), else None."""
+    value = payload.get(key)
+    if isinstance(value, bool):
+        raise InvalidPayload(f"'{key}' must be a string.")
+    if isinstance(value, int):
+        return str(value)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidPayload(f"'{key}' must be a string.")
+    return value
+
+
+def error_object(value: Any, default_code: str) -> JSON:
+    """Normalise a provider's error (object, string or missing) to `{code, message}`."""
+    if isinstance(value, dict):
+        code = value.get("code")
+        message = value.get("message")
+        return {
+            "code": str(code) if isinstance(code, (str, int)) and not isinstance(code, bool) else default_code,
+            "message": message if isinstance(message, str) else "The provider reported a failure.",
+        }
+    if isinstance(value, str) and value:
+        return {"code": default_code, "message": value}
+    return {"code": default_code, "message": "The provider reported a failure."}
+
+
+def image_list(items: Any, *, keys: Sequence[str] = ("url", "revised_prompt", "b64_json")) -> tuple[JSON, ...]:
+    """`[{"url": …}, …]` kept to known keys; InvalidPayload if the shape is wrong."""
+    if not isinstance(items, list):
+        raise InvalidPayload("The images must be a list.")
+    images = []
+    for item in items:
+        if isinstance(item, str):
+            images.append({"url": item})
+            continue
+        if not isinstance(item, dict):
+            raise InvalidPayload("Each image must be an object or a URL.")
+        image = {k: item[k] for k in keys if isinstance(item.get(k), str)}
+        if "url" not in image and "b64_json" not in image:
+            raise InvalidPayload("An image has neither 'url' nor 'b64_json'.")
+        images.append(image)
+    return tuple(images)
