@@ -1,0 +1,131 @@
+"""The ASGI application.
+
+    app = create_app(settings)                       # what `receiver serve` runs
+    app = create_app(settings, store=store, transport=httpx.MockTransport(handler), clock=clock)
+
+The lifespan opens the store, the shared HTTP client and the background
+workers, and closes them in reverse order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from receiver import __version__
+from receiver.auth import ApiKeys, BearerAuth
+from receiver.clock import system_clock
+from receiver.config import Settings, ensure_secrets
+from receiver.context import Context
+from receiver.errors import EXCEPTION_HANDLERS
+from receiver.logs import configure_logging, get_logger, redact_path
+from receiver.metrics import Metrics
+from receiver.providers import Providers
+from receiver.routes import callbacks, ops, tasks
+from receiver.signing import CallbackSigner
+from receiver.store import Store, create_store
+from receiver.types import Clock
+from receiver.workers import Workers, expire_due_tasks
+
+log = get_logger("receiver.access")
+
+
+class AccessLog:
+    """One redacted log line per request (uvicorn's own would print callback tokens)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            log.info(
+                "http.request",
+                method=scope["method"],
+                path=redact_path(scope["path"]),
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Clock | None = None,
+) -> Starlette:
+    """Build the receiver. Missing secrets are filled from (or generated into) the data folder."""
+    settings = ensure_secrets(settings or Settings.from_env(os.environ))
+    clock = clock or system_clock
+    api_keys = ApiKeys([str(key) for key in settings.api_keys])
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        the_store = store or create_store(settings.database_url, clock=clock)
+        await the_store.open()
+        try:
+            async with httpx.AsyncClient(
+                transport=transport,
+                headers={"user-agent": f"receiver/{__version__}"},
+                follow_redirects=False,
+            ) as http:
+                ctx = Context(
+                    settings=settings,
+                    store=the_store,
+                    clock=clock,
+                    http=http,
+                    providers=Providers(settings, http),
+                    signer=CallbackSigner([str(k) for k in settings.secret_keys], clock=clock),
+                    metrics=Metrics(),
+                )
+                app.state.ctx = ctx
+                workers = Workers(the_store.feed)
+                workers.add("expiry", lambda: expire_due_tasks(ctx), topic="expiry", idle=5.0)
+                await workers.start()
+                log.info("receiver.started", version=__version__, database=the_store.__class__.__name__)
+                try:
+                    yield
+                finally:
+                    await workers.stop()
+        finally:
+            await the_store.close()
+
+    return Starlette(
+        routes=[
+            Mount("/v1", routes=tasks.routes, middleware=[Middleware(BearerAuth, keys=api_keys)]),
+            *callbacks.routes,
+            *ops.routes,
+        ],
+        middleware=[Middleware(AccessLog)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+
+
+def app_from_env() -> Starlette:
+    """The factory each worker process of `receiver serve --workers N` calls."""
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,30 @@
+"""The collaborators every route and worker shares, built once by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from receiver.config import Settings
+from receiver.metrics import Metrics
+from receiver.providers import Providers
+from receiver.signing import CallbackSigner
+from receiver.store.base import Store
+from receiver.types import Clock
+
+
+@dataclass
+class Context:
+    settings: Settings
+    store: Store
+    clock: Clock
+    http: httpx.AsyncClient
+    providers: Providers
+    signer: CallbackSigner
+    metrics: Metrics
+
+    def callback_url(self, task_id: str, *, max_age: int | None = None) -> str:
+        """The signed URL a provider posts `task_id`'s result to."""
+        token = self.signer.mint(task_id, max_age=max_age or self.settings.callback_max_age)
+        return f"{self.settings.public_url}/callbacks/{token}"

@@ -1,0 +1,73 @@
+"""Taking a callback in: token, task, dialect, then one durable transaction.
+
+    outcome = await ingest(ctx, token, body, headers)
+
+The answer is built only after `record_callback` has committed, so a 200
+always means the callback is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import orjson
+
+from receiver.context import Context
+from receiver.errors import InvalidPayload, NotFound
+from receiver.ids import new_id
+from receiver.logs import get_logger
+from receiver.providers import dialect_for
+from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback
+from receiver.tasks import Task
+from receiver.types import JSON
+
+log = get_logger("receiver.callbacks")
+
+
+def verify_token(ctx: Context, token: str) -> str:
+    """The task id the token names (InvalidSignature, CallbackExpired)."""
+    return ctx.signer.verify(token)
+
+
+async def load_task(ctx: Context, task_id: str) -> Task:
+    task = await ctx.store.get_task(task_id)
+    if task is None:
+        raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
+    return task
+
+
+def parse_payload(body: bytes) -> JSON:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidPayload("The callback body is not valid JSON.") from exc
+    if not isinstance(payload, dict):
+        raise InvalidPayload("The callback body must be a JSON object.")
+    return payload
+
+
+async def ingest(ctx: Context, task_id: str, body: bytes, headers: Mapping[str, str]) -> Applied:
+    """Verify, parse and durably record one callback for `task_id`."""
+    task = await load_task(ctx, task_id)
+    payload = parse_payload(body)
+    report = dialect_for(task.provider, payload).parse(payload)
+    callback = IncomingCallback(
+        id=new_id("cb", ctx.clock),
+        task_id=task.id,
+        received_at=ctx.clock(),
+        body=body,
+        headers={k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS},
+        body_sha256=hashlib.sha256(body).hexdigest(),
+    )
+    applied = await ctx.store.record_callback(callback, report)
+    log.info(
+        "callback.recorded",
+        task_id=task.id,
+        callback_id=callback.id,
+        verdict=applied.verdict.value,
+        reason=applied.transition.reason,
+        state=applied.task.state.value,
+        dialect=report.dialect,
+    )
+    return applied

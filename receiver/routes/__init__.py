@@ -1,0 +1,68 @@
+"""HTTP routes. Each module exposes `routes`; handlers raise ApiError, never build error JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from receiver.context import Context
+from receiver.errors import InvalidRequest, PayloadTooLarge
+from receiver.types import JSON
+
+
+def context(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The body is larger than {limit} bytes.", details={"limit": limit})
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The body is larger than {limit} bytes.", details={"limit": limit})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request, limit: int = 1 << 20) -> JSON:
+    body = await read_body(request, limit)
+    try:
+        value: Any = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("The request body is not valid JSON.") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return value
+
+
+def query_int(request: Request, name: str, default: int, *, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"'{name}' must be an integer.", details={"field": name}) from exc
+    if not low <= value <= high:
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}.", details={"field": name})
+    return value
+
+
+def query_float(request: Request, name: str, default: float, *, low: float, high: float) -> float:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"'{name}' must be a number.", details={"field": name}) from exc
+    if not low <= value <= high:  # also refuses nan
+        raise InvalidRequest(f"'{name}' must be between {low:g} and {high:g}.", details={"field": name})
+    return value

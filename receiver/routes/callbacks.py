@@ -1,0 +1,40 @@
+"""Callback ingress: `POST /callbacks/{token}` (and `/callback` appended, as apimart does)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from receiver.errors import ApiError, json_response
+from receiver.ingest import ingest, verify_token
+from receiver.logs import get_logger
+from receiver.routes import context, read_body
+from receiver.types import Verdict
+
+log = get_logger("receiver.callbacks")
+
+
+async def receive_callback(request: Request) -> Response:
+    ctx = context(request)
+    try:
+        task_id = verify_token(ctx, request.path_params["token"])
+        body = await read_body(request, ctx.settings.max_body_bytes)
+        applied = await ingest(ctx, task_id, body, request.headers)
+    except ApiError as exc:
+        ctx.metrics.callbacks.labels(exc.code).inc()
+        log.info("callback.refused", code=exc.code, status=exc.status_code)
+        raise
+    verdict = applied.verdict
+    ctx.metrics.callbacks.labels(verdict.value).inc()
+    answer = {"ok": True, "task_id": applied.task.id, "duplicate": verdict is Verdict.DUPLICATE}
+    if verdict is Verdict.IGNORED:
+        answer["ignored"] = True
+        answer["reason"] = applied.transition.reason
+    return json_response(answer)
+
+
+routes = [
+    Route("/callbacks/{token}", receive_callback, methods=["POST"]),
+    Route("/callbacks/{token}/callback", receive_callback, methods=["POST"]),
+]

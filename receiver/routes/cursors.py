@@ -1,0 +1,27 @@
+"""Opaque list cursors: the last id seen, base64url-encoded."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from receiver.errors import InvalidRequest
+
+_ID = re.compile(r"^[a-z]+_[0-9a-z]{26}$")
+
+
+def encode(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def decode(cursor: str | None) -> str | None:
+    if not cursor:
+        return None
+    try:
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest("'cursor' is not a cursor this API gave out.", details={"field": "cursor"}) from exc
+    if not _ID.match(value):
+        raise InvalidRequest("'cursor' is not a cursor this API gave out.", details={"field": "cursor"})
+    return value

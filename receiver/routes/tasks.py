@@ -1,0 +1,144 @@
+"""Tasks: submit, read (with long-poll), list, callbacks log, cancel, mint callback URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from receiver.auth import KEY_ID_SCOPE
+from receiver.errors import InvalidParameters, InvalidRequest, NotFound, json_response
+from receiver.ids import new_id
+from receiver.providers import CALLBACK_DIALECTS
+from receiver.routes import context, cursors, query_float, query_int, read_json_object
+from receiver.store.base import TaskQuery
+from receiver.submission import submit
+from receiver.tasks import Task, cancel
+from receiver.types import EventType, TaskState
+
+MAX_WAIT = 60.0
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+async def create_task(request: Request) -> Response:
+    ctx = context(request)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters.")
+    body = await read_json_object(request)
+    task, created = await submit(ctx, body, idempotency_key=key, key_scope=request.scope.get(KEY_ID_SCOPE, ""))
+    return json_response(task.to_api(), 202 if created else 200)
+
+
+async def _task_or_404(request: Request) -> Task:
+    task_id = request.path_params["task_id"]
+    task = await context(request).store.get_task(task_id)
+    if task is None:
+        raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
+    return task
+
+
+async def get_task(request: Request) -> Response:
+    wait = query_float(request, "wait", 0.0, low=0.0, high=MAX_WAIT)
+    task = await _task_or_404(request)
+    if wait > 0 and not task.terminal:
+        task = await wait_for_terminal(request, task, wait)
+    return json_response(task.to_api())
+
+
+async def wait_for_terminal(request: Request, task: Task, seconds: float) -> Task:
+    """Hold until the task is terminal or `seconds` pass; answers at once on the change."""
+    feed = context(request).store.feed
+    with feed.listen(task.id) as changes:
+        # Read again after listening, so a change committed in between is not missed.
+        task = await context(request).store.get_task(task.id) or task
+        try:
+            async with asyncio.timeout(seconds):
+                while not task.terminal:
+                    task = await changes.get()
+        except TimeoutError:
+            pass
+    return task
+
+
+async def list_tasks(request: Request) -> Response:
+    ctx = context(request)
+    params = request.query_params
+    state = params.get("state") or None
+    if state is not None and state not in TaskState.__members__.values():
+        raise InvalidRequest(
+            f"'state' must be one of: {', '.join(s.value for s in TaskState)}.", details={"field": "state"}
+        )
+    limit = query_int(request, "limit", 20, low=1, high=100)
+    query = TaskQuery(
+        upstream_task_id=params.get("upstream_task_id") or None,
+        state=TaskState(state) if state else None,
+        provider=params.get("provider") or None,
+        before_id=cursors.decode(params.get("cursor")),
+        limit=limit,
+    )
+    tasks = await ctx.store.list_tasks(query)
+    next_cursor = cursors.encode(tasks[-1].id) if len(tasks) == limit else None
+    return json_response({"data": [t.to_api() for t in tasks], "next_cursor": next_cursor})
+
+
+async def list_callbacks(request: Request) -> Response:
+    task = await _task_or_404(request)
+    callbacks = await context(request).store.list_callbacks(task.id)
+    return json_response({"data": [c.to_api() for c in callbacks]})
+
+
+async def cancel_task(request: Request) -> Response:
+    ctx = context(request)
+    applied = await ctx.store.transition(request.path_params["task_id"], lambda t: cancel(t, now=ctx.clock()))
+    return json_response(applied.task.to_api())
+
+
+async def create_callback_url(request: Request) -> Response:
+    """A task (state `submitted`) and its signed callback URL, for a task another service submits."""
+    ctx = context(request)
+    body = await read_json_object(request)
+    problems = []
+    provider = body.get("provider", "auto")
+    if provider not in CALLBACK_DIALECTS:
+        problems.append({"field": "provider", "message": f"must be one of: {', '.join(CALLBACK_DIALECTS)}"})
+    metadata = body.get("metadata", {})
+    if not isinstance(metadata, dict):
+        problems.append({"field": "metadata", "message": "must be an object"})
+    expires_in = body.get("expires_in")
+    if expires_in is not None and (
+        isinstance(expires_in, bool) or not isinstance(expires_in, int) or not 60 <= expires_in <= 31536000
+    ):
+        problems.append({"field": "expires_in", "message": "must be an integer number of seconds, 60 to 31536000"})
+    if problems:
+        raise InvalidParameters(problems)
+    now = ctx.clock()
+    lifetime = expires_in or ctx.settings.callback_max_age
+    task = Task(
+        id=new_id("tsk", ctx.clock),
+        provider=provider,
+        model=None,
+        state=TaskState.SUBMITTED,
+        request={},
+        metadata=metadata,
+        origin="external",
+        created_at=now,
+        updated_at=now,
+        expires_at=now + (expires_in or ctx.settings.task_timeout),
+    )
+    created = await ctx.store.create_task(task, events=(EventType.SUBMITTED,))
+    url = ctx.callback_url(task.id, max_age=lifetime)
+    return json_response({"task": created.task.to_api(), "callback_url": url}, 201)
+
+
+routes = [
+    Route("/tasks", create_task, methods=["POST"]),
+    Route("/tasks", list_tasks, methods=["GET"]),
+    Route("/tasks/{task_id}", get_task, methods=["GET"]),
+    Route("/tasks/{task_id}/callbacks", list_callbacks, methods=["GET"]),
+    Route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"]),
+    Route("/callback-urls", create_callback_url, methods=["POST"]),
+]

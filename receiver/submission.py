@@ -1,0 +1,132 @@
+"""Submitting a task: validate, store (queued), submit upstream, record the answer.
+
+The task is durable before the provider hears of it, and the callback URL
+names our task, so a provider fast enough to call back before its own answer
+arrives still finds the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+
+import orjson
+
+from receiver.context import Context
+from receiver.errors import Conflict, ProviderError, ProviderRefused
+from receiver.ids import new_id
+from receiver.logs import get_logger
+from receiver.providers.base import Upload
+from receiver.providers.catalog import ValidatedRequest, validate
+from receiver.store.base import IdempotencyKey, Subscription
+from receiver.tasks import Task, apply_report, record_refusal, record_submission
+from receiver.types import JSON, TaskState
+
+log = get_logger("receiver.submission")
+
+
+def fingerprint(body: JSON, uploads: Sequence[Upload] = ()) -> str:
+    """A digest of a submission, to tell a retried request from a different one."""
+    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    for upload in uploads:
+        digest.update(upload.field.encode() + b"\0" + hashlib.sha256(upload.data).digest())
+    return digest.hexdigest()
+
+
+def new_task(ctx: Context, request: ValidatedRequest) -> Task:
+    now = ctx.clock()
+    return Task(
+        id=new_id("tsk", ctx.clock),
+        provider=request.provider,
+        model=request.model,
+        state=TaskState.QUEUED,
+        request=request.request(),
+        metadata=request.metadata,
+        notify_url=request.notify_url,
+        warnings=request.warnings,
+        created_at=now,
+        updated_at=now,
+        expires_at=now + ctx.settings.task_timeout,
+    )
+
+
+def notify_subscription(ctx: Context, task: Task) -> Subscription | None:
+    """A task's notify_url, as a subscription to that task alone."""
+    if task.notify_url is None:
+        return None
+    return Subscription(
+        id=new_id("sub", ctx.clock),
+        url=task.notify_url,
+        events=("*",),
+        secret="",
+        uses_notify_secret=True,
+        task_id=task.id,
+        description=f"notify_url of {task.id}",
+        created_at=task.created_at,
+        updated_at=task.created_at,
+    )
+
+
+async def submit(
+    ctx: Context,
+    body: JSON,
+    *,
+    idempotency_key: str | None = None,
+    key_scope: str = "",
+    uploads: Sequence[Upload] = (),
+) -> tuple[Task, bool]:
+    """Submit a task; returns (task, created). Raises InvalidParameters, Conflict, ProviderRefused."""
+    request = validate(body)
+    task = new_task(ctx, request)
+    idempotency = None
+    if idempotency_key is not None:
+        idempotency = IdempotencyKey(f"{key_scope}:{idempotency_key}", fingerprint(body, uploads))
+    created = await ctx.store.create_task(
+        task, idempotency=idempotency, notify_subscription=notify_subscription(ctx, task)
+    )
+    if not created.created:
+        if not created.same_request:
+            raise Conflict(
+                "This Idempotency-Key was used with a different request.",
+                code="idempotency_conflict",
+                details={"task_id": created.task.id},
+            )
+        return await _settled(ctx, created.task), False
+    # The upstream call and its recording finish even if the client goes away.
+    return await asyncio.shield(_send(ctx, task, uploads)), True
+
+
+async def _send(ctx: Context, task: Task, uploads: Sequence[Upload]) -> Task:
+    provider = ctx.providers.get(task.provider)
+    try:
+        submission = await provider.submit(task, ctx.callback_url(task.id), uploads)
+    except ProviderError as exc:
+        ctx.metrics.submissions.labels(task.provider, "refused").inc()
+        log.warning("task.refused", task_id=task.id, provider=task.provider, code=exc.code, status=exc.status_code)
+        error = exc.as_task_error()
+        applied = await ctx.store.transition(task.id, lambda t: record_refusal(t, error, now=ctx.clock()))
+        raise ProviderRefused(exc, applied.task.to_api()) from exc
+    ctx.metrics.submissions.labels(task.provider, "accepted").inc()
+    upstream = submission.upstream_task_id
+    applied = await ctx.store.transition(task.id, lambda t: record_submission(t, upstream, now=ctx.clock()))
+    log.info("task.submitted", task_id=task.id, provider=task.provider, upstream_task_id=upstream)
+    report = submission.report
+    if report is not None:
+        applied = await ctx.store.transition(task.id, lambda t: apply_report(t, report, now=ctx.clock()))
+    return applied.task
+
+
+async def _settled(ctx: Context, task: Task) -> Task:
+    """An idempotent retry while the first request is still talking to the provider
+    waits (bounded) until the task has left `queued`."""
+    deadline = ctx.settings.provider_timeout + 5
+    with ctx.store.feed.listen(task.id) as changes:
+        current = await ctx.store.get_task(task.id) or task
+        try:
+            async with asyncio.timeout(deadline):
+                while current.state is TaskState.QUEUED:
+                    current = await changes.get()
+        except TimeoutError:
+            pass
+    return current

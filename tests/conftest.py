@@ -1,0 +1,164 @@
+"""Shared fixtures: settings, stores, and real servers on 127.0.0.1.
+
+Every test runs with a log recorder; a test fails if the receiver logged a
+crash (an unhandled exception answered 500) while it ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.datastructures import Secret
+
+from receiver.app import create_app
+from receiver.config import ProviderSettings, Settings
+from receiver.context import Context
+from receiver.fakes.provider import FakeProvider
+from receiver.server import free_port, serve_in_background
+from receiver.store.sqlite import SQLiteStore
+
+API_KEY = "test-api-key"
+NOTIFY_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class LogRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [
+            {"event": r.getMessage(), **(getattr(r, "fields", None) or {})}
+            for r in self.records
+            if r.getMessage() == name
+        ]
+
+
+@pytest.fixture(autouse=True)
+def logs() -> Iterator[LogRecorder]:
+    recorder = LogRecorder()
+    logger = logging.getLogger("receiver")
+    logger.addHandler(recorder)
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield recorder
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(previous)
+    crashes = recorder.events("request.crashed") + recorder.events("worker.failed")
+    assert not crashes, f"the receiver crashed while the test ran: {crashes}"
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test: explicit secrets, a SQLite file under tmp_path, private URLs allowed."""
+    base = Settings(
+        database_url=f"sqlite:///{tmp_path}/receiver.db",
+        public_url="http://127.0.0.1:1",
+        data_dir=tmp_path,
+        secret_keys=(Secret("test-signing-key"),),
+        api_keys=(Secret(API_KEY),),
+        notify_secret=Secret(NOTIFY_SECRET),
+        allow_private_urls=True,
+        mirror_assets=False,
+        asset_dir=tmp_path / "assets",
+        provider_timeout=5.0,
+    )
+    return base.replace(**overrides)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@dataclass
+class Running:
+    """A receiver served on a real socket, and an authenticated client for it."""
+
+    url: str
+    app: Starlette
+    api: httpx.AsyncClient
+    settings: Settings
+
+    @property
+    def ctx(self) -> Context:
+        ctx: Context = self.app.state.ctx
+        return ctx
+
+    async def post_callback(self, callback_url: str, body: Any = None, *, content: bytes | None = None,
+                            headers: dict[str, str] | None = None) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=10) as raw:
+            if content is None:
+                return await raw.post(callback_url, json=body, headers=headers)
+            return await raw.post(callback_url, content=content, headers=headers)
+
+
+def _no_server_errors(response: httpx.Response) -> None:
+    # 502 is the contract's answer to a provider refusal; anything else 5xx is a defect.
+    assert response.status_code < 500 or response.status_code == 502, (
+        f"{response.request.method} {response.request.url.path} answered {response.status_code}"
+    )
+
+
+@pytest.fixture
+async def fake_provider() -> AsyncIterator[tuple[FakeProvider, str]]:
+    fake = FakeProvider(delay=0.05, seed=1)
+    async with serve_in_background(fake.app) as url:
+        yield fake, url
+
+
+@pytest.fixture
+async def running(tmp_path: Path, fake_provider: tuple[FakeProvider, str]) -> AsyncIterator[Running]:
+    async with start_receiver(tmp_path, provider_url=fake_provider[1]) as running:
+        yield running
+
+
+@asynccontextmanager
+async def start_receiver(tmp_path: Path, *, provider_url: str = "http://127.0.0.1:9", **overrides: Any
+                         ) -> AsyncIterator[Running]:
+    """The receiver on an ephemeral port, its public URL pointing at itself."""
+    port = free_port()
+    providers = {"xhuoapi": ProviderSettings(url=provider_url, api_key=Secret("provider-key"))}
+    settings = make_settings(tmp_path, public_url=f"http://127.0.0.1:{port}", providers=providers, **overrides)
+    app = create_app(settings)
+    async with serve_in_background(app, port=port) as url, httpx.AsyncClient(
+        base_url=url,
+        headers={"authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+        event_hooks={"response": [_async(_no_server_errors)]},
+    ) as api:
+        yield Running(url=url, app=app, api=api, settings=settings)
+
+
+def _async(check: Any) -> Any:
+    async def hook(response: httpx.Response) -> None:
+        check(response)
+
+    return hook
