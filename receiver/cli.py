@@ -1,0 +1,307 @@
+"""The `receiver` command (also `python -m receiver`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from receiver import __version__
+from receiver.client import Client, ClientError, default_api_key, default_url
+from receiver.config import ConfigError, Settings, ensure_secrets
+from receiver.logs import configure_logging
+
+EPILOGS = {
+    "serve": "example:\n  RECEIVER_PUBLIC_URL=https://my-tunnel.example receiver serve --port 8000",
+    "migrate": "example:\n  RECEIVER_DATABASE_URL=sqlite:////data/receiver.db receiver migrate",
+    "demo": "example:\n  receiver demo",
+    "fake-provider": "example:\n  receiver fake-provider --port 9000 --delay 2 --fail-rate 0.1\n"
+    "  RECEIVER_XHUOAPI_URL=http://127.0.0.1:9000 receiver serve",
+    "callback-url": "example:\n  receiver callback-url --provider auto",
+    "submit": "example:\n  receiver submit --provider xhuoapi --model gpt-image-2 --prompt 'a red apple' "
+    "--param size=1024x1024 --wait",
+    "tasks": "example:\n  receiver tasks --state failed --limit 50",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        print(f"receiver: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="receiver", description="A webhook callback receiver for asynchronous image-generation APIs."
+    )
+    parser.add_argument("--version", action="version", version=f"receiver {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EPILOGS.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    serve = command("serve", run_serve, "Run the service (migrates the database on start).")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+
+    command("migrate", run_migrate, "Apply database migrations and exit.")
+    command("demo", run_demo, "A whole round trip on this machine, no account needed.")
+
+    fake = command("fake-provider", run_fake_provider, "Run a simulated provider (no credits spent).")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=9000)
+    fake.add_argument("--delay", type=float, default=2.0, help="seconds before the callback is posted")
+    fake.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail (0..1)")
+    fake.add_argument("--duplicate-rate", type=float, default=0.0, help="share of callbacks posted twice (0..1)")
+    fake.add_argument("--seed", type=int, default=None, help="seed the fault injection, for repeatable runs")
+
+    def client_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--url", default=default_url(), help="the receiver (RECEIVER_URL)")
+        sub.add_argument("--api-key", default=None, help="API key (RECEIVER_API_KEY; default: the generated one)")
+        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    mint = command("callback-url", run_callback_url, "Mint a task and print its signed callback URL.")
+    mint.add_argument("--provider", default="auto", help="callback dialect (default auto)")
+    mint.add_argument("--expires-in", type=int, default=None, help="seconds the URL stays valid")
+    client_options(mint)
+
+    submit = command("submit", run_submit, "Submit a task through a running receiver.")
+    submit.add_argument("--provider", required=True)
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--prompt", required=True)
+    submit.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a model parameter (repeatable); numbers and true/false are typed",
+    )
+    submit.add_argument("--notify-url", default=None)
+    submit.add_argument("--idempotency-key", default=None)
+    submit.add_argument("--wait", action="store_true", help="show progress until the task is done")
+    client_options(submit)
+
+    tasks = command("tasks", run_tasks, "List recent tasks.")
+    tasks.add_argument("--state", default=None)
+    tasks.add_argument("--provider", default=None)
+    tasks.add_argument("--limit", type=int, default=20)
+    client_options(tasks)
+    return parser
+
+
+# --- service commands -----------------------------------------------------------
+
+
+def _settings(announce: bool = True) -> Settings:
+    settings = Settings.from_env(os.environ)
+    return ensure_secrets(settings, announce=None if announce else (lambda _: None))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from receiver.app import create_app
+    from receiver.server import uvicorn_config
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; finishing that way is a clean exit.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    common: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+    }
+    if args.workers > 1:
+        # Secrets exist on disk by now, so every worker process reads the same ones.
+        uvicorn.run(
+            "receiver.app:app_from_env",
+            factory=True,
+            workers=args.workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            **common,
+        )
+        return 0
+    uvicorn.Server(uvicorn_config(create_app(settings), **common)).run()
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from receiver.store import create_store
+
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level)
+
+    async def migrate() -> list[str]:
+        store = create_store(settings.database_url)
+        await store.open()  # applies pending migrations
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    asyncio.run(migrate())
+    print("migrations are current")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from receiver.demo import run
+
+    return asyncio.run(run())
+
+
+def run_fake_provider(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from receiver.fakes.provider import FakeProvider
+    from receiver.server import uvicorn_config
+
+    configure_logging("info")
+    fake = FakeProvider(delay=args.delay, fail_rate=args.fail_rate, duplicate_rate=args.duplicate_rate, seed=args.seed)
+    print(
+        f"fake provider on http://{args.host}:{args.port} (set RECEIVER_XHUOAPI_URL=http://{args.host}:{args.port})",
+        file=sys.stderr,
+    )
+    uvicorn.Server(uvicorn_config(fake.app, host=args.host, port=args.port)).run()
+    return 0
+
+
+# --- client commands --------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, args.api_key or default_api_key(os.environ))
+
+
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+def run_callback_url(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        minted = api.callback_url(args.provider, expires_in=args.expires_in)
+    if args.json:
+        _print_json(minted)
+    else:
+        print(f"task:         {minted['task']['id']}", file=sys.stderr)
+        print(minted["callback_url"])
+    return 0
+
+
+def _typed(value: str) -> Any:
+    if value in ("true", "false"):
+        return value == "true"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"provider": args.provider, "model": args.model, "prompt": args.prompt}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"receiver: --param takes NAME=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        body[name] = _typed(value)
+    if args.notify_url:
+        body["notify_url"] = args.notify_url
+    with _client(args) as api:
+        try:
+            task = api.submit(body, idempotency_key=args.idempotency_key)
+        except ClientError as exc:
+            if args.json and exc.body is not None:
+                _print_json(exc.body)
+            raise
+        if args.wait:
+            task = _follow(api, task, quiet=args.json)
+    if args.json:
+        _print_json(task)
+    else:
+        _print_task(task)
+    return 0 if task["state"] not in ("failed", "expired", "cancelled") else 1
+
+
+def _follow(api: Client, task: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
+    """Long-poll until the task is terminal, showing a live progress line."""
+    started = time.monotonic()
+    live = sys.stderr.isatty() and not quiet
+    last_state = None
+    while True:
+        state = task["state"]
+        elapsed = time.monotonic() - started
+        if not quiet and (live or state != last_state):
+            line = f"{task['id']}  {state:<10} {elapsed:6.1f}s"
+            print(("\r" + line) if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+        last_state = state
+        if state in ("succeeded", "failed", "expired", "cancelled"):
+            if live:
+                print(file=sys.stderr)
+            return task
+        task = api.task(task["id"], wait=5)
+
+
+def _print_task(task: dict[str, Any]) -> None:
+    print(f"{task['id']}  {task['state']}  {task['provider']}/{task.get('model') or '-'}")
+    for image in (task.get("result") or {}).get("images", []):
+        print(f"  {image.get('asset_url') or image.get('url')}")
+    if task.get("error"):
+        print(f"  error: {task['error'].get('code')}: {task['error'].get('message')}")
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        page = api.tasks(state=args.state, provider=args.provider, limit=args.limit)
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [
+        (t["id"], t["state"], t["provider"], t.get("model") or "-", t.get("upstream_task_id") or "-", t["created_at"])
+        for t in page["data"]
+    ]
+    _print_table(("ID", "STATE", "PROVIDER", "MODEL", "UPSTREAM", "CREATED"), rows)
+    return 0
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())

@@ -1,0 +1,1 @@
+"""Simulated peers: a provider (and, later, subscribers) for demos and tests."""

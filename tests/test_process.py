@@ -1,0 +1,181 @@
+"""The receiver as users run it: `receiver …` processes, restarts, the CLI and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from receiver.fakes.provider import FakeProvider
+from receiver.server import free_port
+
+pytestmark = pytest.mark.anyio
+
+BODY = {"provider": "xhuoapi", "model": "nano-banana", "prompt": "[silent] a pear"}
+
+
+def receiver_env(tmp_path: Path, port: int, provider_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    env.update(
+        {
+            "RECEIVER_DATABASE_URL": f"sqlite:///{tmp_path}/data/receiver.db",
+            "RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "RECEIVER_XHUOAPI_URL": provider_url,
+            "RECEIVER_XHUOAPI_API_KEY": "provider-key",
+            "RECEIVER_URL": f"http://127.0.0.1:{port}",
+            **extra,
+        }
+    )
+    return env
+
+
+class Process:
+    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+        self.env, self.port, self.log = env, port, log
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as handle:  # the child keeps its own descriptor
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "receiver", "serve", "--port", str(self.port)],
+                env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=self.log.parent,
+            )
+        deadline = time.monotonic() + 20
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                assert self.popen.poll() is None, self.log.read_text()
+                try:
+                    if (await client.get(f"http://127.0.0.1:{self.port}/readyz")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("the receiver did not start:\n" + self.log.read_text())
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.popen is not None
+        self.popen.send_signal(sig)
+        return await asyncio.to_thread(self.popen.wait, 20)
+
+
+@asynccontextmanager
+async def fake() -> AsyncIterator[tuple[FakeProvider, str]]:
+    from receiver.server import serve_in_background
+
+    provider = FakeProvider(delay=0.05)
+    async with serve_in_background(provider.app) as url:
+        yield provider, url
+
+
+def api_key(tmp_path: Path) -> str:
+    return json.loads((tmp_path / "data" / "secrets.json").read_text())["api_key"]
+
+
+async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "receiver", *args], env=env, capture_output=True, text=True,
+        timeout=60,
+    )
+
+
+async def test_nothing_is_lost_across_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    async with fake() as (provider, provider_url):
+        env = receiver_env(tmp_path, port, provider_url)
+        server = Process(env, port, tmp_path / "receiver.log")
+        await server.start()
+        assert "Generated an API key" in (tmp_path / "receiver.log").read_text()  # printed once, first start
+        headers = {"authorization": f"Bearer {api_key(tmp_path)}"}
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as api:
+            silent = [(await api.post("/v1/tasks", json=BODY)).json() for _ in range(3)]
+            urls = [r["json"]["callback_url"] for r in provider.requests]
+            done = (await api.post("/v1/tasks", json={**BODY, "prompt": "a plum"})).json()
+            assert (await api.get(f"/v1/tasks/{done['id']}", params={"wait": 10})).json()["state"] == "succeeded"
+            # A callback acknowledged just before a crash must survive it.
+            ack = await api.post(urls[0], json={"success": True, "task_id": silent[0]["upstream_task_id"],
+                                                "data": {"data": [{"url": "https://cdn.example/1.png"}]}})
+            assert ack.status_code == 200
+        assert await server.stop(signal.SIGKILL) == -signal.SIGKILL
+
+        await server.start()
+        log_text = (tmp_path / "receiver.log").read_text()
+        assert log_text.count("Generated an API key") == 1
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as api:
+            states = {t["id"]: t["state"] for t in (await api.get("/v1/tasks")).json()["data"]}
+            assert states == {silent[0]["id"]: "succeeded", silent[1]["id"]: "submitted",
+                              silent[2]["id"]: "submitted", done["id"]: "succeeded"}
+            assert len((await api.get(f"/v1/tasks/{silent[0]['id']}/callbacks")).json()["data"]) == 1
+            # URLs minted before the restart still verify: the generated signing key was kept.
+            late = await api.post(urls[1], json={"success": False, "task_id": silent[1]["upstream_task_id"],
+                                                 "error": {"code": "nsfw", "message": "refused"}})
+            assert late.status_code == 200
+            assert (await api.get(f"/v1/tasks/{silent[1]['id']}")).json()["state"] == "failed"
+        assert await server.stop() == 0
+    assert "/callbacks/" not in log_text.replace("/callbacks/[redacted]", "")
+    assert api_key(tmp_path) not in log_text.split("shown only this once", 1)[1].split("\n", 3)[-1]
+
+
+async def test_the_cli_against_a_running_receiver(tmp_path: Path) -> None:
+    port = free_port()
+    async with fake() as (_, provider_url):
+        env = receiver_env(tmp_path, port, provider_url, RECEIVER_API_KEYS="cli-key", RECEIVER_API_KEY="cli-key")
+        server = Process(env, port, tmp_path / "receiver.log")
+        await server.start()
+        try:
+            waited = await cli(env, "submit", "--provider", "xhuoapi", "--model", "gpt-image-2",
+                               "--prompt", "a fig", "--param", "size=1024x1024", "--wait")
+            assert waited.returncode == 0, waited.stderr
+            assert "succeeded" in waited.stdout and "/images/" in waited.stdout
+            assert "submitted" in waited.stderr  # progress was shown
+
+            as_json = await cli(env, "submit", "--provider", "xhuoapi", "--model", "gpt-image-2",
+                                "--prompt", "[refuse:402] x", "--json")
+            assert as_json.returncode == 1 and "upstream_billing" in as_json.stderr
+            assert json.loads(as_json.stdout)["task"]["state"] == "failed"
+
+            listed = await cli(env, "tasks")
+            assert listed.returncode == 0 and listed.stdout.splitlines()[0].split() == [
+                "ID", "STATE", "PROVIDER", "MODEL", "UPSTREAM", "CREATED"]
+            assert len(listed.stdout.splitlines()) == 3
+            listed_json = json.loads((await cli(env, "tasks", "--json", "--state", "failed")).stdout)
+            assert [t["state"] for t in listed_json["data"]] == ["failed"]
+
+            minted = await cli(env, "callback-url", "--provider", "xhuoapi")
+            assert minted.returncode == 0 and minted.stdout.strip().startswith(f"http://127.0.0.1:{port}/callbacks/")
+
+            bad = await cli(env, "submit", "--provider", "xhuoapi", "--model", "gpt-image-2", "--prompt", "x",
+                            "--param", "colour")
+            assert bad.returncode == 2
+            unauthorised = await cli({**env, "RECEIVER_API_KEY": "wrong"}, "tasks")
+            assert unauthorised.returncode == 1 and "unauthorized" in unauthorised.stderr
+        finally:
+            await server.stop()
+
+
+async def test_migrate_and_help(tmp_path: Path) -> None:
+    env = receiver_env(tmp_path, 1, "http://127.0.0.1:9")
+    migrated = await cli(env, "migrate")
+    assert migrated.returncode == 0 and (tmp_path / "data" / "receiver.db").exists()
+    assert (await cli(env, "migrate")).returncode == 0  # idempotent
+    for command in ("serve", "migrate", "demo", "fake-provider", "callback-url", "submit", "tasks"):
+        shown = await cli(env, command, "--help")
+        assert shown.returncode == 0 and "example:" in shown.stdout, command
+    broken = await cli({**env, "RECEIVER_MAX_BODY_BYTES": "lots"}, "migrate")
+    assert broken.returncode == 2 and "RECEIVER_MAX_BODY_BYTES" in broken.stderr
+
+
+async def test_demo_runs_the_whole_round_trip(tmp_path: Path) -> None:
+    result = await cli(receiver_env(tmp_path, 1, "http://127.0.0.1:9"), "demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "task succeeded" in result.stdout and "callback received and stored" in result.stdout
