@@ -1,0 +1,34 @@
+"""The deployment files cannot be built here; keep them consistent by reading them."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fly_toml_serves_the_container_port_and_keeps_machines_running() -> None:
+    fly = tomllib.loads((ROOT / "fly.toml").read_text())
+    service = fly["http_service"]
+    assert service["internal_port"] == 8000
+    assert service["auto_stop_machines"] in ("off", False)
+    assert service["min_machines_running"] >= 1
+    assert service["force_https"] is True
+    assert any(check["path"] == "/healthz" for check in service["checks"])
+    assert {"source": "receiver_data", "destination": "/data"} in fly["mounts"]
+    assert fly["env"]["RECEIVER_DATABASE_URL"] == "sqlite:////data/receiver.db"
+
+
+def test_dockerfile_runs_unprivileged_with_a_data_volume_and_a_healthcheck() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = text.split("\nFROM ")
+    final = stages[-1]
+    assert re.search(r"^FROM python:3\.\d+-slim", text, re.M)
+    assert re.search(r"^USER receiver$", final, re.M), "the final stage must not run as root"
+    assert 'VOLUME ["/data"]' in final
+    assert "HEALTHCHECK" in final and "/healthz" in final
+    assert "EXPOSE 8000" in final
+    assert '"serve", "--host", "0.0.0.0", "--port", "8000"' in final
+    assert "RECEIVER_DATABASE_URL=sqlite:////data/receiver.db" in final
