@@ -28,7 +28,7 @@ from receiver.context import Context
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
-from receiver.providers import Providers
+from receiver.providers import Providers, signatures_for
 from receiver.routes import callbacks, ops, tasks
 from receiver.signing import CallbackSigner
 from receiver.store import Store, create_store
@@ -99,6 +99,7 @@ def create_app(
                     providers=Providers(settings, http),
                     signer=CallbackSigner([str(k) for k in settings.secret_keys], clock=clock),
                     metrics=Metrics(),
+                    signatures=signatures_for(settings, http, clock),
                 )
                 app.state.ctx = ctx
                 workers = Workers(the_store.feed)

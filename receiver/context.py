@@ -9,6 +9,7 @@ import httpx
 from receiver.config import Settings
 from receiver.metrics import Metrics
 from receiver.providers import Providers
+from receiver.providers.signatures import ProviderSignatures
 from receiver.signing import CallbackSigner
 from receiver.store.base import Store
 from receiver.types import Clock
@@ -23,6 +24,7 @@ class Context:
     providers: Providers
     signer: CallbackSigner
     metrics: Metrics
+    signatures: ProviderSignatures  # providers' own callback signatures (Replicate, fal)
 
     def callback_url(self, task_id: str, *, max_age: int | None = None) -> str:
         """The signed URL a provider posts `task_id`'s result to."""

@@ -8,12 +8,14 @@ ReceiverError
 │   ├── UrlNotAllowed          400 url_not_allowed
 │   ├── Unauthorized           401 unauthorized
 │   ├── InvalidSignature       403 invalid_signature
+│   │   └── InvalidProviderSignature  403 invalid_provider_signature
 │   ├── NotFound               404 <thing>_not_found
 │   ├── Conflict               409 <reason>
 │   │   └── TaskMismatch       409 task_mismatch
 │   ├── CallbackExpired        410 callback_expired
 │   ├── PayloadTooLarge        413 payload_too_large
-│   └── ProviderRefused        502 with the provider's error and the failed task
+│   ├── ProviderRefused        502 with the provider's error and the failed task
+│   └── SignatureKeysUnavailable  503 provider_keys_unavailable (Retry-After)
 ├── ProviderError              an upstream call failed (refused, unreachable, garbled)
 └── StoreError                 the database could not do what was asked
 """
@@ -115,6 +117,17 @@ class InvalidSignature(ApiError):
     code = "invalid_signature"
 
 
+class InvalidProviderSignature(InvalidSignature):
+    """A callback whose provider signature (Replicate's, fal's) is missing, stale or wrong."""
+
+    code = "invalid_provider_signature"
+
+    def __init__(self, provider: str, reason: str, message: str) -> None:
+        super().__init__(message, details={"provider": provider, "reason": reason})
+        self.provider = provider
+        self.reason = reason
+
+
 class NotFound(ApiError):
     """The named thing does not exist."""
 
@@ -171,6 +184,18 @@ class ProviderRefused(ApiError):
         body = super().body()
         body["task"] = self.task
         return body
+
+
+class SignatureKeysUnavailable(ApiError):
+    """The provider's public keys cannot be fetched and none are cached: the callback
+    may be genuine, so the provider is asked to retry rather than told it is forged."""
+
+    status_code = 503
+    code = "provider_keys_unavailable"
+
+    def __init__(self, provider: str, message: str, *, retry_after: int) -> None:
+        super().__init__(message, details={"provider": provider}, headers={"Retry-After": str(retry_after)})
+        self.provider = provider
 
 
 class ProviderError(ReceiverError):

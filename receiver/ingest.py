@@ -1,9 +1,12 @@
-"""Taking a callback in: token, task, dialect, then one durable transaction.
+"""Taking a callback in: token, task, dialect, provider signature, then one durable transaction.
 
     outcome = await ingest(ctx, token, body, headers)
 
 The answer is built only after `record_callback` has committed, so a 200
-always means the callback is on disk.
+always means the callback is on disk. Providers that sign their callbacks
+(Replicate, fal) are checked twice: the URL token, then their own signature
+(`ctx.signatures`), as soon as the dialect is known — before the payload is
+trusted, and for `auto` tasks right after detection.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from receiver.errors import InvalidPayload, NotFound
 from receiver.ids import new_id
 from receiver.logs import get_logger
 from receiver.providers import dialect_for
+from receiver.providers.signatures import SignatureCheck
 from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback
 from receiver.tasks import Task
 from receiver.types import JSON
@@ -50,8 +54,16 @@ def parse_payload(body: bytes) -> JSON:
 async def ingest(ctx: Context, task_id: str, body: bytes, headers: Mapping[str, str]) -> Applied:
     """Verify, parse and durably record one callback for `task_id`."""
     task = await load_task(ctx, task_id)
+    signature = None
+    if task.provider != "auto":  # the dialect is known: check before reading the body
+        signature = await ctx.signatures.check(task.provider, body, headers, task_id=task.id)
     payload = parse_payload(body)
-    report = dialect_for(task.provider, payload).parse(payload)
+    dialect = dialect_for(task.provider, payload)
+    if task.provider == "auto":  # the payload named its dialect: check that dialect's signature
+        signature = await ctx.signatures.check(dialect.name, body, headers, task_id=task.id)
+    report = dialect.parse(payload)
+    if signature is SignatureCheck.UNCHECKED:
+        report = report.with_warning(ctx.signatures.warning(dialect.name))
     callback = IncomingCallback(
         id=new_id("cb", ctx.clock),
         task_id=task.id,
@@ -59,6 +71,7 @@ async def ingest(ctx: Context, task_id: str, body: bytes, headers: Mapping[str, 
         body=body,
         headers={k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS},
         body_sha256=hashlib.sha256(body).hexdigest(),
+        provider_signature=signature.value if signature is not None else None,
     )
     applied = await ctx.store.record_callback(callback, report)
     log.info(
@@ -69,5 +82,6 @@ async def ingest(ctx: Context, task_id: str, body: bytes, headers: Mapping[str, 
         reason=applied.transition.reason,
         state=applied.task.state.value,
         dialect=report.dialect,
+        check=signature.value if signature is not None else None,
     )
     return applied

@@ -89,6 +89,7 @@ class Report:
 
     `state` is one of submitted, running, succeeded, failed (or cancelled when
     the provider cancelled it). `images` are dicts with at least `url`.
+    `warnings` are added to the task, once each (not by a duplicate or to a terminal task).
     """
 
     state: TaskState
@@ -97,6 +98,10 @@ class Report:
     error: JSON | None = None
     progress: float | None = None
     dialect: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def with_warning(self, warning: str) -> Report:
+        return dataclasses.replace(self, warnings=(*self.warnings, warning))
 
     def result(self) -> JSON | None:
         if self.state is not TaskState.SUCCEEDED:
@@ -170,6 +175,9 @@ def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = Fa
         adopt["upstream_task_id"] = named
     if report.dialect and task.provider == "auto":
         adopt["provider"] = report.dialect
+    new_warnings = tuple(w for w in dict.fromkeys(report.warnings) if w not in task.warnings)
+    if new_warnings:
+        adopt["warnings"] = (*task.warnings, *new_warnings)
 
     if task.terminal:
         if not report.state.terminal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -163,6 +164,17 @@ async def test_callbacks_are_logged_with_their_verdict(store: Store) -> None:
     assert [c.verdict for c in logged] == [Verdict.ACCEPTED, Verdict.DUPLICATE, Verdict.IGNORED]
     assert logged[0].body == body and logged[0].headers == {"content-type": "application/json"}
     assert logged[0].dialect == "xhuoapi" and logged[0].reported_state == "succeeded"
+
+
+async def test_callbacks_keep_whether_their_provider_signature_was_checked(store: Store) -> None:
+    task = await submitted(store)
+    checked = dataclasses.replace(callback(task, b'{"a": 1}'), provider_signature="verified")
+    unchecked = dataclasses.replace(callback(task, b'{"a": 2}'), provider_signature="unchecked")
+    for incoming in (checked, unchecked, callback(task, b'{"a": 3}')):
+        await store.record_callback(incoming, Report(TaskState.RUNNING, task.upstream_task_id))
+    logged = await store.list_callbacks(task.id)
+    assert [c.provider_signature for c in logged] == ["verified", "unchecked", None]
+    assert logged[1].to_api()["provider_signature"] == "unchecked"
 
 
 async def test_a_mismatched_callback_stores_nothing(store: Store) -> None:

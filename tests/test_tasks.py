@@ -78,6 +78,18 @@ def test_progress_moves_to_running_once() -> None:
     assert again.task is None and again.events == () and again.verdict is Verdict.ACCEPTED
 
 
+def test_report_warnings_are_added_to_the_task_once() -> None:
+    warning = "provider_signature_not_checked: no secret"
+    running = apply_report(task(), Report(TaskState.RUNNING, "up-1", warnings=(warning,)), now=NOW).task
+    assert running is not None and running.warnings == (warning,)
+    again = apply_report(running, Report(TaskState.RUNNING, "up-1").with_warning(warning), now=NOW)
+    assert again.task is None  # nothing new: the warning is not repeated
+    done = apply_report(running, Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,), warnings=(warning,)), now=NOW)
+    assert done.task is not None and done.task.warnings == (warning,)
+    late = apply_report(done.task, Report(TaskState.RUNNING, "up-1", warnings=("other",)), now=NOW)
+    assert late.task is None and late.verdict is Verdict.IGNORED  # terminal tasks never change
+
+
 def test_duplicates_change_nothing() -> None:
     t = apply_report(task(), Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,)), now=NOW, duplicate=True)
     assert t.task is None and t.verdict is Verdict.DUPLICATE

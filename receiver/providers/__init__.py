@@ -3,6 +3,7 @@
 registry = Providers(settings, client)
 provider = registry.get("xhuoapi")
 report = dialect_for("auto", payload).parse(payload)
+signatures = signatures_for(settings, client, clock)   # providers' own callback signatures
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import httpx
 from receiver.config import Settings
 from receiver.errors import InvalidPayload
 from receiver.providers.base import Dialect, Provider
+from receiver.providers.signatures import ProviderSignatures
 from receiver.providers.xhuoapi import XhuoapiDialect, XhuoapiProvider
-from receiver.types import JSON
+from receiver.types import JSON, Clock
 
 #: Callback dialects by name; `auto` tries them in this order.
 DIALECTS: dict[str, Dialect] = {
@@ -61,3 +63,8 @@ def dialect_for(name: str, payload: JSON) -> Dialect:
     if dialect is None:
         raise InvalidPayload(f"The receiver cannot read '{name}' callbacks.")
     return dialect
+
+
+def signatures_for(settings: Settings, client: httpx.AsyncClient, clock: Clock) -> ProviderSignatures:
+    """The provider-signature verifiers, built once per app."""
+    return ProviderSignatures({})

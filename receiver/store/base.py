@@ -67,6 +67,7 @@ class IncomingCallback:
     body: bytes
     headers: Mapping[str, str]
     body_sha256: str
+    provider_signature: str | None = None  # "verified", "unchecked" (no secret configured), None: unsigned
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,7 @@ class StoredCallback:
     reason: str | None
     dialect: str | None
     reported_state: str | None
+    provider_signature: str | None = None
 
     def to_api(self) -> JSON:
         try:
@@ -96,6 +98,7 @@ class StoredCallback:
             "reason": self.reason,
             "dialect": self.dialect,
             "reported_state": self.reported_state,
+            "provider_signature": self.provider_signature,
             "headers": dict(self.headers),
             "body": body,
         }

@@ -122,6 +122,7 @@ def callback_from_row(row: Row) -> StoredCallback:
         reason=row["reason"],
         dialect=row["dialect"],
         reported_state=row["reported_state"],
+        provider_signature=row["provider_signature"],
     )
 
 

@@ -665,7 +665,7 @@ def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, re
     applied = _apply(conn, task, apply_report(task, report, now=moment, duplicate=duplicate), moment)
     conn.execute(
         "INSERT INTO callbacks (id, task_id, received_at, body, headers, body_sha256, verdict, reason,"
-        " dialect, reported_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " dialect, reported_state, provider_signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             callback.id,
             callback.task_id,
@@ -677,6 +677,7 @@ def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, re
             applied.transition.reason,
             report.dialect,
             report.state.value,
+            callback.provider_signature,
         ),
     )
     return applied
