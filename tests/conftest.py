@@ -24,6 +24,7 @@ from receiver.context import Context
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port, serve_in_background
 from receiver.store.sqlite import SQLiteStore
+from receiver.types import Clock
 
 API_KEY = "test-api-key"
 NOTIFY_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -141,13 +142,14 @@ async def running(tmp_path: Path, fake_provider: tuple[FakeProvider, str]) -> As
 
 
 @asynccontextmanager
-async def start_receiver(tmp_path: Path, *, provider_url: str = "http://127.0.0.1:9", **overrides: Any
-                         ) -> AsyncIterator[Running]:
-    """The receiver on an ephemeral port, its public URL pointing at itself."""
+async def start_receiver(tmp_path: Path, *, provider_url: str = "http://127.0.0.1:9", clock: Clock | None = None,
+                         **overrides: Any) -> AsyncIterator[Running]:
+    """The receiver on an ephemeral port, its public URL pointing at itself (`providers` adds to xhuoapi's)."""
     port = free_port()
     providers = {"xhuoapi": ProviderSettings(url=provider_url, api_key=Secret("provider-key"))}
+    providers.update(overrides.pop("providers", {}))
     settings = make_settings(tmp_path, public_url=f"http://127.0.0.1:{port}", providers=providers, **overrides)
-    app = create_app(settings)
+    app = create_app(settings, clock=clock)
     async with serve_in_background(app, port=port) as url, httpx.AsyncClient(
         base_url=url,
         headers={"authorization": f"Bearer {API_KEY}"},

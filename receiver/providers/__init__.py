@@ -15,6 +15,7 @@ import httpx
 from receiver.config import Settings
 from receiver.errors import InvalidPayload
 from receiver.providers.base import Dialect, Provider
+from receiver.providers.replicate import ReplicateDialect, ReplicateProvider, ReplicateSignature
 from receiver.providers.signatures import ProviderSignatures
 from receiver.providers.xhuoapi import XhuoapiDialect, XhuoapiProvider
 from receiver.types import JSON, Clock
@@ -22,12 +23,14 @@ from receiver.types import JSON, Clock
 #: Callback dialects by name; `auto` tries them in this order.
 DIALECTS: dict[str, Dialect] = {
     "xhuoapi": XhuoapiDialect(),
+    "replicate": ReplicateDialect(),
 }
 
 ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
 
 PROVIDERS: dict[str, ProviderFactory] = {
     "xhuoapi": lambda s, c: XhuoapiProvider(s.provider("xhuoapi"), c, timeout=s.provider_timeout),
+    "replicate": lambda s, c: ReplicateProvider(s.provider("replicate"), c, timeout=s.provider_timeout),
 }
 
 #: Dialects a task minted by POST /v1/callback-urls may name.
@@ -66,5 +69,5 @@ def dialect_for(name: str, payload: JSON) -> Dialect:
 
 
 def signatures_for(settings: Settings, client: httpx.AsyncClient, clock: Clock) -> ProviderSignatures:
-    """The provider-signature verifiers, built once per app."""
-    return ProviderSignatures({})
+    """The provider-signature verifiers (Replicate's secret), built once per app."""
+    return ProviderSignatures({"replicate": ReplicateSignature(settings.replicate_webhook_secret, clock=clock)})

@@ -2,17 +2,20 @@
 
     request = validate(body)     # InvalidParameters listing every offending field
 
-Rules are data: which providers exist, which models each offers, which
-parameters each takes and of what type.
+Rules are data: which providers exist, which models each offers (a list, or
+a `model_pattern` for providers with free-form model ids), which parameters
+each takes and of what type (`passthrough` providers take any other parameter
+as is, for the model's own input).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from receiver.errors import InvalidParameters
 from receiver.types import JSON
@@ -56,6 +59,25 @@ def providers() -> list[str]:
     return sorted(catalog()["providers"])
 
 
+def _model_problem(entry: dict[str, Any], provider: str, model: str) -> str | None:
+    """Why `model` is not one `entry` offers: a listed name, or free-form matching `model_pattern`."""
+    pattern = entry.get("model_pattern")
+    if pattern is not None:
+        return None if re.fullmatch(pattern, model) else f"must be {entry['model_hint']}"
+    return None if model in entry["models"] else f"{provider} offers: {', '.join(entry['models'])}"
+
+
+def _param_problem(spec: str | dict[str, Any], value: Any) -> str | None:
+    """A parameter's type (`"string"`), or `{"type": "array", "items": [allowed values]}`."""
+    kind: str = spec if isinstance(spec, str) else spec["type"]
+    if not isinstance(value, _TYPES[kind]) or (kind != "boolean" and isinstance(value, bool)):
+        return f"must be of type {kind}"
+    allowed: list[Any] | None = None if isinstance(spec, str) else spec.get("items")
+    if allowed is not None and (not value or any(item not in allowed for item in cast(list[Any], value))):
+        return f"must be a non-empty list of: {', '.join(allowed)}"
+    return None
+
+
 def validate(body: JSON) -> ValidatedRequest:
     """Check a submission against the catalog; every offending field is reported at once."""
     problems: list[dict[str, str]] = []
@@ -74,8 +96,8 @@ def validate(body: JSON) -> ValidatedRequest:
         entry = entries[provider]
     if not isinstance(model, str) or not model:
         bad("model", "is required")
-    elif entry is not None and model not in entry["models"]:
-        bad("model", f"{provider} offers: {', '.join(entry['models'])}")
+    elif entry is not None and (problem := _model_problem(entry, str(provider), model)):
+        bad("model", problem)
     if not isinstance(prompt, str) or not prompt.strip():
         bad("prompt", "is required and must be a non-empty string")
     notify_url = body.get("notify_url")
@@ -88,17 +110,17 @@ def validate(body: JSON) -> ValidatedRequest:
 
     params: JSON = {}
     if entry is not None:
-        known: dict[str, str] = entry["params"]
+        known: dict[str, Any] = entry["params"]
         for name, value in body.items():
             if name in OWN_FIELDS:
                 continue
-            kind = known.get(name)
-            if kind is None:
+            spec = known.get(name)
+            if spec is None and not entry.get("passthrough"):
                 bad(name, f"is not a parameter {provider} accepts")
             elif value is None:
                 continue
-            elif not isinstance(value, _TYPES[kind]) or (kind != "boolean" and isinstance(value, bool)):
-                bad(name, f"must be of type {kind}")
+            elif spec is not None and (problem := _param_problem(spec, value)):
+                bad(name, problem)
             else:
                 params[name] = value
     if problems:
