@@ -62,7 +62,8 @@ class Settings:
     notify_secret: Secret | None = None
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
     replicate_webhook_secret: Secret | None = None
-    fal_jwks_url: str = FAL_JWKS_URL
+    fal_jwks_url: str | None = FAL_JWKS_URL  # None: fal signatures are not checked ("off")
+    fal_user_ids: tuple[str, ...] = ()  # when set, only these fal accounts' callbacks are accepted
     poll_interval: float = 2.0
     poll_max_interval: float = 30.0
     callback_max_age: int = 604800
@@ -101,7 +102,8 @@ class Settings:
             notify_secret=env("RECEIVER_NOTIFY_SECRET", _whsec, None),
             providers=providers,
             replicate_webhook_secret=env("RECEIVER_REPLICATE_WEBHOOK_SECRET", _whsec, None),
-            fal_jwks_url=env("RECEIVER_FAL_JWKS_URL", _url, FAL_JWKS_URL),
+            fal_jwks_url=env("RECEIVER_FAL_JWKS_URL", _url_or_off, FAL_JWKS_URL),
+            fal_user_ids=env("RECEIVER_FAL_USER_IDS", _list, ()),
             poll_interval=env("RECEIVER_POLL_INTERVAL", _positive_float, cls.poll_interval),
             poll_max_interval=env("RECEIVER_POLL_MAX_INTERVAL", _positive_float, cls.poll_max_interval),
             callback_max_age=env("RECEIVER_CALLBACK_MAX_AGE", _positive_int, cls.callback_max_age),
@@ -161,6 +163,17 @@ def _url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{value!r} is not an http(s) URL")
     return value
+
+
+def _url_or_off(value: str) -> str | None:
+    return None if value.lower() == "off" else _url(value)
+
+
+def _list(value: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise ValueError("expected one or more comma-separated values")
+    return items
 
 
 def _secret_list(value: str) -> tuple[Secret, ...]:

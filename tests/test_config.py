@@ -93,3 +93,22 @@ def test_operator_secrets_win(tmp_path: Path) -> None:
     ready = ensure_secrets(settings, announce=announced.append)
     assert [str(k) for k in ready.api_keys] == ["mine"] and [str(k) for k in ready.secret_keys] == ["s"]
     assert announced == []
+
+
+def test_provider_signature_settings() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.replicate_webhook_secret is None
+    assert defaults.fal_jwks_url == "https://rest.alpha.fal.ai/.well-known/jwks.json" and defaults.fal_user_ids == ()
+    settings = Settings.from_env(
+        {
+            "RECEIVER_REPLICATE_WEBHOOK_SECRET": "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+            "RECEIVER_FAL_JWKS_URL": "http://127.0.0.1:9000/.well-known/jwks.json",
+            "RECEIVER_FAL_USER_IDS": "github|1, github|2",
+        }
+    )
+    assert str(settings.replicate_webhook_secret).startswith("whsec_")
+    assert settings.fal_jwks_url == "http://127.0.0.1:9000/.well-known/jwks.json"
+    assert settings.fal_user_ids == ("github|1", "github|2")
+    assert Settings.from_env({"RECEIVER_FAL_JWKS_URL": "off"}).fal_jwks_url is None
+    with pytest.raises(ConfigError, match="RECEIVER_FAL_JWKS_URL"):
+        Settings.from_env({"RECEIVER_FAL_JWKS_URL": "jwks.json"})

@@ -3,7 +3,7 @@
 registry = Providers(settings, client)
 provider = registry.get("xhuoapi")
 report = dialect_for("auto", payload).parse(payload)
-signatures = signatures_for(settings, client, clock)   # providers' own callback signatures
+signatures = signatures_for(settings, client, clock)   # Replicate's and fal's own signatures
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import httpx
 from receiver.config import Settings
 from receiver.errors import InvalidPayload
 from receiver.providers.base import Dialect, Provider
+from receiver.providers.fal import FalDialect, FalProvider, FalSignature
+from receiver.providers.jwks import KeySet
 from receiver.providers.replicate import ReplicateDialect, ReplicateProvider, ReplicateSignature
 from receiver.providers.signatures import ProviderSignatures
 from receiver.providers.xhuoapi import XhuoapiDialect, XhuoapiProvider
@@ -24,6 +26,7 @@ from receiver.types import JSON, Clock
 DIALECTS: dict[str, Dialect] = {
     "xhuoapi": XhuoapiDialect(),
     "replicate": ReplicateDialect(),
+    "fal": FalDialect(),
 }
 
 ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
@@ -31,6 +34,7 @@ ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
 PROVIDERS: dict[str, ProviderFactory] = {
     "xhuoapi": lambda s, c: XhuoapiProvider(s.provider("xhuoapi"), c, timeout=s.provider_timeout),
     "replicate": lambda s, c: ReplicateProvider(s.provider("replicate"), c, timeout=s.provider_timeout),
+    "fal": lambda s, c: FalProvider(s.provider("fal"), c, timeout=s.provider_timeout),
 }
 
 #: Dialects a task minted by POST /v1/callback-urls may name.
@@ -69,5 +73,13 @@ def dialect_for(name: str, payload: JSON) -> Dialect:
 
 
 def signatures_for(settings: Settings, client: httpx.AsyncClient, clock: Clock) -> ProviderSignatures:
-    """The provider-signature verifiers (Replicate's secret), built once per app."""
-    return ProviderSignatures({"replicate": ReplicateSignature(settings.replicate_webhook_secret, clock=clock)})
+    """The provider-signature verifiers (Replicate's secret, fal's key set), built once per app."""
+    keys = None
+    if settings.fal_jwks_url is not None:
+        keys = KeySet(settings.fal_jwks_url, client, provider="fal", clock=clock)
+    return ProviderSignatures(
+        {
+            "replicate": ReplicateSignature(settings.replicate_webhook_secret, clock=clock),
+            "fal": FalSignature(keys, clock=clock, user_ids=settings.fal_user_ids),
+        }
+    )
