@@ -23,7 +23,8 @@ EPILOGS = {
     "migrate": "example:\n  RECEIVER_DATABASE_URL=sqlite:////data/receiver.db receiver migrate",
     "demo": "example:\n  receiver demo",
     "fake-provider": "example:\n  receiver fake-provider --port 9000 --delay 2 --fail-rate 0.1\n"
-    "  RECEIVER_XHUOAPI_URL=http://127.0.0.1:9000 receiver serve",
+    "  RECEIVER_XHUOAPI_URL=http://127.0.0.1:9000 receiver serve\n\n"
+    "Replicate and fal callbacks are signed as the real ones are; it prints the settings to verify them.",
     "callback-url": "example:\n  receiver callback-url --provider auto",
     "submit": "example:\n  receiver submit --provider xhuoapi --model gpt-image-2 --prompt 'a red apple' "
     "--param size=1024x1024 --wait",
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail (0..1)")
     fake.add_argument("--duplicate-rate", type=float, default=0.0, help="share of callbacks posted twice (0..1)")
     fake.add_argument("--seed", type=int, default=None, help="seed the fault injection, for repeatable runs")
+    fake.add_argument(
+        "--replicate-secret",
+        type=_whsec_arg,
+        default=None,
+        metavar="WHSEC",
+        help="whsec_… secret to sign Replicate webhooks with (default: a new one, printed)",
+    )
 
     def client_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--url", default=default_url(), help="the receiver (RECEIVER_URL)")
@@ -119,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- service commands -----------------------------------------------------------
+
+
+def _whsec_arg(value: str) -> str:
+    from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+
+    try:
+        Webhook(value)
+    except (ValueError, EmptyWebhookSecretError) as exc:
+        raise argparse.ArgumentTypeError("expected a whsec_<base64> secret") from exc
+    return value
 
 
 def _settings(announce: bool = True) -> Settings:
@@ -190,9 +208,21 @@ def run_fake_provider(args: argparse.Namespace) -> int:
     from receiver.server import uvicorn_config
 
     configure_logging("info")
-    fake = FakeProvider(delay=args.delay, fail_rate=args.fail_rate, duplicate_rate=args.duplicate_rate, seed=args.seed)
+    fake = FakeProvider(
+        delay=args.delay,
+        fail_rate=args.fail_rate,
+        duplicate_rate=args.duplicate_rate,
+        seed=args.seed,
+        replicate_secret=args.replicate_secret,
+    )
+    base = f"http://{args.host}:{args.port}"
     print(
-        f"fake provider on http://{args.host}:{args.port} (set RECEIVER_XHUOAPI_URL=http://{args.host}:{args.port})",
+        f"fake provider on {base}; point the receiver at it with:\n"
+        f"  RECEIVER_XHUOAPI_URL={base}\n"
+        f"  RECEIVER_REPLICATE_URL={base}\n"
+        f"  RECEIVER_REPLICATE_WEBHOOK_SECRET={fake.signed.replicate_secret}\n"
+        f"  RECEIVER_FAL_URL={base}/fal\n"
+        f"  RECEIVER_FAL_JWKS_URL={base}/.well-known/jwks.json",
         file=sys.stderr,
     )
     uvicorn.Server(uvicorn_config(fake.app, host=args.host, port=args.port)).run()

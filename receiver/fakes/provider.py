@@ -17,6 +17,11 @@ It speaks the xhuoapi dialect: it answers a submission at once with a
 Everything it receives is listed at `GET /_fake/requests` (Authorization
 headers reduced to whether one was present), so a test can assert that a
 request was — or was not — sent upstream.
+
+It also plays Replicate and fal, signing their callbacks as they do
+(`receiver.fakes.signed`): `replicate_secret` is the Standard Webhooks
+secret (generated if not given), and fal's key set is served at
+`GET /.well-known/jwks.json`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from receiver.fakes.signed import SignedFakes
 from receiver.logs import get_logger, redact_path
 
 log = get_logger("receiver.fake_provider")
@@ -62,6 +68,7 @@ class FakeProvider:
         duplicate_rate: float = 0.0,
         seed: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        replicate_secret: str | None = None,
     ) -> None:
         self.delay = delay
         self.fail_rate = fail_rate
@@ -72,12 +79,14 @@ class FakeProvider:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self.signed = SignedFakes(self, replicate_secret=replicate_secret)
         self.app = Starlette(
             routes=[
                 Route("/v1/openai/images/generations", self.xhuoapi_submit, methods=["POST"]),
                 Route("/images/{name}", self.image, methods=["GET"]),
                 Route("/_fake/requests", self.list_requests, methods=["GET"]),
                 Route("/_fake/reset", self.reset, methods=["POST"]),
+                *self.signed.routes,
             ],
             lifespan=self._lifespan,
         )
@@ -141,12 +150,13 @@ class FakeProvider:
         task.add_done_callback(self._pending.discard)
 
     async def post_callback(self, url: str, body: Any, *, headers: dict[str, str] | None = None) -> int:
+        """POST `body` (an object, or the exact bytes a signature covers) to `url`."""
         assert self._client is not None, "the fake provider is not running"
-        raw = orjson.dumps(body)
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
         response = await self._client.post(
             url, content=raw, headers={"content-type": "application/json", **(headers or {})}
         )
-        self.callbacks_sent.append({"url": redact_path(url), "status": response.status_code, "body": body})
+        self.callbacks_sent.append({"url": redact_path(url), "status": response.status_code, "body": orjson.loads(raw)})
         log.info("fake.callback_sent", url=redact_path(url), status=response.status_code)
         return response.status_code
 
