@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from receiver import __version__
+from receiver.providers import CALLBACK_DIALECTS
 from receiver.types import TaskState
 
 JSON = dict[str, Any]
@@ -30,12 +31,13 @@ def errors(*codes: int) -> JSON:
     described = {
         400: "Invalid request",
         401: "Missing or wrong API key",
-        403: "Invalid signature",
+        403: "Invalid signature (the URL token's, or the provider's own: invalid_provider_signature)",
         404: "Not found",
         409: "Conflict",
         410: "Expired",
         413: "Payload too large",
         502: "The provider refused the task",
+        503: "The provider's signing keys cannot be fetched now (provider_keys_unavailable); retry later",
     }
     return {str(code): answer(described[code], ref("Error")) for code in codes}
 
@@ -124,6 +126,11 @@ SCHEMAS: JSON = {
             "reason": NULLABLE_STRING,
             "dialect": NULLABLE_STRING,
             "reported_state": NULLABLE_STRING,
+            "provider_signature": {
+                "type": ["string", "null"],
+                "enum": ["verified", "unchecked", None],
+                "description": "Replicate/fal only: verified, or unchecked when no secret is configured.",
+            },
             "headers": {"type": "object"},
             "body": {},
         },
@@ -142,7 +149,7 @@ SCHEMAS: JSON = {
     "CallbackUrlRequest": {
         "type": "object",
         "properties": {
-            "provider": {"type": "string", "default": "auto"},
+            "provider": {"type": "string", "enum": list(CALLBACK_DIALECTS), "default": "auto"},
             "metadata": {"type": "object"},
             "expires_in": {"type": "integer", "minimum": 60, "maximum": 31536000},
         },
@@ -242,7 +249,7 @@ PATHS: JSON = {
             "operationId": "receiveCallback",
             "parameters": [path_param("token", "The signed token from the callback URL.")],
             "requestBody": json_body({"type": "object"}),
-            "responses": {"200": answer("Stored", ref("CallbackAck")), **errors(400, 403, 404, 409, 410, 413)},
+            "responses": {"200": answer("Stored", ref("CallbackAck")), **errors(400, 403, 404, 409, 410, 413, 503)},
         }
     },
     "/callbacks/{token}/callback": {
@@ -251,7 +258,7 @@ PATHS: JSON = {
             "operationId": "receiveCallbackSuffixed",
             "parameters": [path_param("token", "The signed token from the callback URL.")],
             "requestBody": json_body({"type": "object"}),
-            "responses": {"200": answer("Stored", ref("CallbackAck")), **errors(400, 403, 404, 409, 410, 413)},
+            "responses": {"200": answer("Stored", ref("CallbackAck")), **errors(400, 403, 404, 409, 410, 413, 503)},
         }
     },
     "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz", "responses": {"200": answer("Running")}}},
