@@ -17,7 +17,8 @@ def test_round_trip_names_the_task() -> None:
 @pytest.mark.parametrize(
     "tamper",
     [
-        pytest.param(lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"), id="signature-changed"),
+        # The middle of the signature: its last base64 character may carry unused bits.
+        pytest.param(lambda t: t[:-10] + ("A" if t[-10] != "A" else "B") + t[-9:], id="signature-changed"),
         pytest.param(lambda t: "x" + t[1:], id="payload-changed"),
         pytest.param(lambda t: t.split(".")[0], id="signature-removed"),
         pytest.param(lambda t: "", id="empty"),
