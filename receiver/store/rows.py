@@ -6,6 +6,7 @@ JSON columns hold text in every backend.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -143,6 +144,13 @@ def subscription_params(sub: Subscription) -> dict[str, Any]:
         "created_at": sub.created_at,
         "updated_at": sub.updated_at,
     }
+
+
+def check_subscription_changes(changes: Mapping[str, Any]) -> None:
+    """`update_subscription`'s changes name columns, never anything else (ValueError)."""
+    unknown = set(changes) - set(SUBSCRIPTION_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown subscription fields: {sorted(unknown)}")
 
 
 def subscription_from_row(row: Row) -> Subscription:

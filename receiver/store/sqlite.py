@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
-import orjson
 
 from receiver.broadcast import ChangeFeed
 from receiver.clock import system_clock
 from receiver.errors import NotFound, StoreError, TaskMismatch
-from receiver.events import event_body, matches, task_event_body
-from receiver.ids import new_id
+from receiver.events import event_body, task_event_body
 from receiver.logs import get_logger
 from receiver.store import migrations
 from receiver.store.base import (
@@ -47,11 +45,24 @@ from receiver.store.base import (
     Subscription,
     TaskQuery,
 )
+from receiver.store.outbox import (
+    CALLBACK_COLUMNS,
+    DELIVERY_COLUMNS,
+    EVENT_COLUMNS,
+    JOB_COLUMNS,
+    announce,
+    callback_row,
+    delivery_rows,
+    job_row,
+    jobs_kept,
+    new_event,
+)
 from receiver.store.rows import (
     SUBSCRIPTION_COLUMNS,
     TASK_COLUMNS,
     attempt_from_row,
     callback_from_row,
+    check_subscription_changes,
     delivery_from_row,
     dumps,
     job_from_row,
@@ -270,13 +281,7 @@ class SQLiteStore:
             raise StoreError(str(exc)) from exc
 
     def _published(self, applied: Applied) -> Applied:
-        if applied.transition.changed:
-            self.feed.publish(applied.task)
-        if applied.deliveries:
-            self.feed.wake("deliveries")
-        if applied.transition.jobs:
-            self.feed.wake("jobs")
-        return applied
+        return announce(self.feed, applied)
 
     # Tasks ---------------------------------------------------------------------
     async def create_task(
@@ -370,9 +375,7 @@ class SQLiteStore:
         return [subscription_from_row(row) for row in rows]
 
     async def update_subscription(self, subscription_id: str, **changes: Any) -> Subscription | None:
-        unknown = set(changes) - set(SUBSCRIPTION_COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown subscription fields: {sorted(unknown)}")
+        check_subscription_changes(changes)
         row: Subscription | None = await self._write(
             partial(_update_subscription, subscription_id=subscription_id, changes=changes, now=self.clock())
         )
@@ -543,12 +546,17 @@ def _load_task(conn: sqlite3.Connection, task_id: str) -> Task:
     return task_from_row(row)
 
 
-_INSERT_TASK = f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES ({', '.join(':' + c for c in TASK_COLUMNS)})"
+def _insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})"
+
+
+_INSERT_TASK = _insert("tasks", TASK_COLUMNS)
 _UPDATE_TASK = "UPDATE tasks SET " + ", ".join(f"{c} = :{c}" for c in TASK_COLUMNS if c != "id") + " WHERE id = :id"
-_INSERT_SUBSCRIPTION = (
-    f"INSERT INTO subscriptions ({', '.join(SUBSCRIPTION_COLUMNS)})"
-    f" VALUES ({', '.join(':' + c for c in SUBSCRIPTION_COLUMNS)})"
-)
+_INSERT_SUBSCRIPTION = _insert("subscriptions", SUBSCRIPTION_COLUMNS)
+_INSERT_EVENT = _insert("events", EVENT_COLUMNS)
+_INSERT_DELIVERY = _insert("deliveries", DELIVERY_COLUMNS)
+_INSERT_CALLBACK = _insert("callbacks", CALLBACK_COLUMNS)
+_INSERT_JOB = _insert("jobs", JOB_COLUMNS)
 
 
 def _create_task(
@@ -594,8 +602,8 @@ def _apply(conn: sqlite3.Connection, before: Task, transition: Transition, now: 
     deliveries = 0
     for event_type in transition.events:
         deliveries += _insert_event(conn, event_type, task_event_body(event_type, new, now=now), new, now)
-    if new.terminal and not before.terminal:
-        kept = [spec.kind for spec in transition.jobs]
+    kept = jobs_kept(before, transition)
+    if kept is not None:
         marks = ",".join("?" * len(kept))
         conn.execute(
             f"DELETE FROM jobs WHERE task_id = ? AND kind NOT IN ({marks})"
@@ -617,13 +625,9 @@ def _insert_event(
     subscription_id: str | None = None,
 ) -> int:
     """Write one event and a delivery per subscription that wants it; returns the deliveries."""
-    event_id = new_id("evt")
-    task_id = task.id if task else None
-    sequence = task.sequence if task else 0
-    conn.execute(
-        "INSERT INTO events (id, task_id, type, sequence, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (event_id, task_id, event_type.value, sequence, body, now),
-    )
+    event = new_event(event_type, body, task, now)
+    task_id = event.task_id
+    conn.execute(_INSERT_EVENT, event.params())
     if subscription_id is not None:
         rows = conn.execute("SELECT id, events FROM subscriptions WHERE id = ?", (subscription_id,)).fetchall()
     elif task_id is not None:
@@ -633,18 +637,9 @@ def _insert_event(
         ).fetchall()
     else:
         rows = conn.execute("SELECT id, events FROM subscriptions WHERE enabled = 1 AND task_id IS NULL").fetchall()
-    count = 0
-    for row in rows:
-        if subscription_id is None and not matches(tuple(orjson.loads(row["events"])), event_type.value):
-            continue
-        conn.execute(
-            "INSERT INTO deliveries (id, event_id, subscription_id, task_id, event_type, sequence, status,"
-            " attempt_count, next_attempt_at, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
-            (new_id("dlv"), event_id, row["id"], task_id, event_type.value, sequence, now, now, now),
-        )
-        count += 1
-    return count
+    deliveries = delivery_rows(event, rows, addressed=subscription_id is not None)
+    conn.executemany(_INSERT_DELIVERY, deliveries)
+    return len(deliveries)
 
 
 def _transition(conn: sqlite3.Connection, *, task_id: str, decide: Decide, now: Clock) -> Applied:
@@ -663,23 +658,7 @@ def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, re
     )
     moment = now()
     applied = _apply(conn, task, apply_report(task, report, now=moment, duplicate=duplicate), moment)
-    conn.execute(
-        "INSERT INTO callbacks (id, task_id, received_at, body, headers, body_sha256, verdict, reason,"
-        " dialect, reported_state, provider_signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            callback.id,
-            callback.task_id,
-            callback.received_at,
-            callback.body,
-            dumps(dict(callback.headers)),
-            callback.body_sha256,
-            applied.verdict.value,
-            applied.transition.reason,
-            report.dialect,
-            report.state.value,
-            callback.provider_signature,
-        ),
-    )
+    conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
 
 
@@ -821,12 +800,10 @@ def _recover_deliveries(conn: sqlite3.Connection, *, subscription_id: str, since
 
 
 def _schedule_job(conn: sqlite3.Connection, *, task_id: str, spec: JobSpec, now: float) -> Job:
-    job_id = new_id("job")
     conn.execute(
-        "INSERT INTO jobs (id, kind, task_id, run_at, attempts, payload, created_at) VALUES (?, ?, ?, ?, 0, ?, ?)"
-        " ON CONFLICT (kind, task_id) DO UPDATE SET run_at = excluded.run_at, payload = excluded.payload,"
-        " lease_owner = NULL, lease_until = NULL",
-        (job_id, spec.kind, task_id, spec.run_at, dumps(spec.payload), now),
+        _INSERT_JOB + " ON CONFLICT (kind, task_id) DO UPDATE SET run_at = excluded.run_at,"
+        " payload = excluded.payload, lease_owner = NULL, lease_until = NULL",
+        job_row(task_id, spec, now),
     )
     row = conn.execute("SELECT * FROM jobs WHERE kind = ? AND task_id = ?", (spec.kind, task_id)).fetchone()
     return job_from_row(row)

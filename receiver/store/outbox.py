@@ -1,0 +1,170 @@
+"""What a committed change writes besides the task, and whom it wakes.
+
+Pure builders shared by every backend, so SQLite and PostgreSQL write the same
+rows for the same change and only the SQL differs:
+
+    event = new_event(EventType.SUCCEEDED, body, task, now)
+    rows = delivery_rows(event, subscribers)        # the subscriptions that want it
+    kept = jobs_kept(before, transition)            # None: leave the task's jobs alone
+    announce(feed, applied)                         # after commit: publish + wake workers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from receiver.broadcast import ChangeFeed
+from receiver.events import matches
+from receiver.ids import new_id
+from receiver.store.base import Applied, IncomingCallback
+from receiver.store.rows import Row, dumps
+from receiver.tasks import JobSpec, Report, Task, Transition
+from receiver.types import DeliveryStatus, EventType
+
+#: The worker topics a committed change can wake (ChangeFeed.wake).
+DELIVERIES = "deliveries"
+JOBS = "jobs"
+
+#: The columns each builder fills, in the order backends list them in their INSERTs.
+EVENT_COLUMNS = ("id", "task_id", "type", "sequence", "body", "created_at")
+DELIVERY_COLUMNS = (
+    "id",
+    "event_id",
+    "subscription_id",
+    "task_id",
+    "event_type",
+    "sequence",
+    "status",
+    "attempt_count",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
+)
+CALLBACK_COLUMNS = (
+    "id",
+    "task_id",
+    "received_at",
+    "body",
+    "headers",
+    "body_sha256",
+    "verdict",
+    "reason",
+    "dialect",
+    "reported_state",
+    "provider_signature",
+)
+JOB_COLUMNS = ("id", "kind", "task_id", "run_at", "attempts", "payload", "created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One row of `events`: the body is built once and sent byte for byte on every attempt."""
+
+    id: str
+    task_id: str | None
+    type: str
+    sequence: int
+    body: bytes
+    created_at: float
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_event(event_type: EventType, body: bytes, task: Task | None, now: float) -> EventRow:
+    return EventRow(
+        id=new_id("evt"),
+        task_id=task.id if task else None,
+        type=event_type.value,
+        sequence=task.sequence if task else 0,
+        body=body,
+        created_at=now,
+    )
+
+
+def delivery_rows(event: EventRow, subscribers: Iterable[Row], *, addressed: bool = False) -> list[dict[str, Any]]:
+    """A pending delivery, due at once, for each subscriber (rows with `id`, `events`) whose
+    filter takes the event; `addressed`: the event names its subscription, no filter applies."""
+    return [
+        {
+            "id": new_id("dlv"),
+            "event_id": event.id,
+            "subscription_id": row["id"],
+            "task_id": event.task_id,
+            "event_type": event.type,
+            "sequence": event.sequence,
+            "status": DeliveryStatus.PENDING.value,
+            "attempt_count": 0,
+            "next_attempt_at": event.created_at,
+            "created_at": event.created_at,
+            "updated_at": event.created_at,
+        }
+        for row in subscribers
+        if addressed or matches(tuple(_filters(row["events"])), event.type)
+    ]
+
+
+def _filters(events: str | bytes) -> list[str]:
+    loaded: list[str] = orjson.loads(events)
+    return loaded
+
+
+def jobs_kept(before: Task, transition: Transition) -> tuple[str, ...] | None:
+    """When a task turns terminal its other jobs are dropped: the job kinds to keep, or
+    None when the task's jobs stay as they are."""
+    new = transition.task
+    if new is None or not new.terminal or before.terminal:
+        return None
+    return tuple(spec.kind for spec in transition.jobs)
+
+
+def job_row(task_id: str, spec: JobSpec, now: float) -> dict[str, Any]:
+    return {
+        "id": new_id("job"),
+        "kind": spec.kind,
+        "task_id": task_id,
+        "run_at": spec.run_at,
+        "attempts": 0,
+        "payload": dumps(spec.payload),
+        "created_at": now,
+    }
+
+
+def callback_row(callback: IncomingCallback, applied: Applied, report: Report) -> dict[str, Any]:
+    """The callback log row, with the verdict the transaction reached."""
+    return {
+        "id": callback.id,
+        "task_id": callback.task_id,
+        "received_at": callback.received_at,
+        "body": callback.body,
+        "headers": dumps(dict(callback.headers)),
+        "body_sha256": callback.body_sha256,
+        "verdict": applied.verdict.value,
+        "reason": applied.transition.reason,
+        "dialect": report.dialect,
+        "reported_state": report.state.value,
+        "provider_signature": callback.provider_signature,
+    }
+
+
+def wakes(applied: Applied) -> tuple[str, ...]:
+    """The worker topics a committed transition must wake."""
+    topics = []
+    if applied.deliveries:
+        topics.append(DELIVERIES)
+    if applied.transition.jobs:
+        topics.append(JOBS)
+    return tuple(topics)
+
+
+def announce(feed: ChangeFeed, applied: Applied) -> Applied:
+    """After commit: publish the changed task and wake the workers it gave work."""
+    if applied.transition.changed:
+        feed.publish(applied.task)
+    for topic in wakes(applied):
+        feed.wake(topic)
+    return applied
