@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from receiver.broadcast import ChangeFeed
 from receiver.context import Context
 from receiver.logs import get_logger
-from receiver.tasks import expire
 
 log = get_logger("receiver.workers")
 
@@ -73,10 +72,10 @@ class Workers:
 
 
 async def expire_due_tasks(ctx: Context, *, limit: int = 100) -> float | None:
-    """Move every task past its deadline to `expired`. Returns the pause before the next sweep."""
-    due = await ctx.store.tasks_due_for_expiry(ctx.clock(), limit)
-    for task_id in due:
-        applied = await ctx.store.transition(task_id, lambda t: expire(t, now=ctx.clock()))
-        if applied.transition.changed:
-            log.info("task.expired", task_id=task_id, provider=applied.task.provider)
-    return 0.0 if len(due) == limit else None
+    """Move every task past its deadline to `expired`. Returns the pause before the next sweep.
+
+    Instances sharing a database split the due tasks between them (`Store.expire_tasks`)."""
+    expired = await ctx.store.expire_tasks(ctx.clock(), limit)
+    for applied in expired:
+        log.info("task.expired", task_id=applied.task.id, provider=applied.task.provider)
+    return 0.0 if len(expired) == limit else None

@@ -225,6 +225,24 @@ async def test_tasks_due_for_expiry(store: Store) -> None:
     assert await store.tasks_due_for_expiry(now, 10) == [late.id]
 
 
+async def test_expiry_sweeps_expire_due_tasks_once(store: Store) -> None:
+    await store.create_subscription(subscription(events=("task.expired",)))
+    now = time.time()
+    late = [make_task(expires_at=now - 3 + i) for i in range(3)]
+    for task in [*late, make_task(expires_at=now + 100), make_task(expires_at=now - 1, state=TaskState.FAILED)]:
+        await store.create_task(task)
+    with store.feed.listen(late[0].id) as changes:
+        first = await store.expire_tasks(now, 2)
+        assert (await asyncio.wait_for(changes.get(), 1)).state is TaskState.EXPIRED
+    assert [a.task.id for a in first] == [late[0].id, late[1].id]  # oldest deadline first
+    assert all(a.task.state is TaskState.EXPIRED and a.deliveries == 1 for a in first)
+    assert first[0].task.error == {"code": "task_timeout", "message": "No result arrived before the task's deadline."}
+    assert [a.task.id for a in await store.expire_tasks(now, 2)] == [late[2].id]
+    assert await store.expire_tasks(now, 2) == []
+    assert await store.tasks_due_for_expiry(now, 10) == []
+    assert len(await store.list_deliveries(DeliveryQuery(status=DeliveryStatus.PENDING))) == 3
+
+
 async def test_changes_are_published_after_commit(store: Store) -> None:
     task = await submitted(store)
     with store.feed.listen(task.id) as changes:

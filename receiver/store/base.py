@@ -322,6 +322,14 @@ class Store(Protocol):
 
     async def tasks_due_for_expiry(self, now: float, limit: int) -> list[str]: ...
 
+    async def expire_tasks(self, now: float, limit: int) -> list[Applied]:
+        """Expire (`tasks.expire`) up to `limit` open tasks past their deadline, oldest deadline
+        first, in one transaction; returns what changed.
+
+        Tasks another instance is expiring at that moment are skipped, so sweeps running
+        on several instances share the work instead of repeating it.
+        """
+
     # Subscriptions -----------------------------------------------------------
     async def create_subscription(self, subscription: Subscription) -> Subscription: ...
 

@@ -71,7 +71,7 @@ from receiver.store.rows import (
     task_from_row,
     task_params,
 )
-from receiver.tasks import JobSpec, Report, Task, Transition, apply_report
+from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, expire
 from receiver.types import JSON, TERMINAL_STATES, Clock, DeliveryStatus, EventType, TaskState
 
 T = TypeVar("T")
@@ -357,6 +357,10 @@ class SQLiteStore:
             (*_OPEN_STATES, now, limit),
         )
         return [row["id"] for row in rows]
+
+    async def expire_tasks(self, now: float, limit: int) -> list[Applied]:
+        expired: list[Applied] = await self._write(partial(_expire_tasks, now=now, limit=limit))
+        return [self._published(applied) for applied in expired]
 
     # Subscriptions -------------------------------------------------------------
     async def create_subscription(self, subscription: Subscription) -> Subscription:
@@ -660,6 +664,16 @@ def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, re
     applied = _apply(conn, task, apply_report(task, report, now=moment, duplicate=duplicate), moment)
     conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
+
+
+def _expire_tasks(conn: sqlite3.Connection, *, now: float, limit: int) -> list[Applied]:
+    # One writer: nobody else can be expiring these tasks at the same time.
+    marks = ",".join("?" * len(_OPEN_STATES))
+    rows = conn.execute(
+        f"SELECT * FROM tasks WHERE state IN ({marks}) AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+        (*_OPEN_STATES, now, limit),
+    ).fetchall()
+    return [_apply(conn, task, expire(task, now=now), now) for task in map(task_from_row, rows)]
 
 
 def _insert_subscription(conn: sqlite3.Connection, *, sub: Subscription) -> None:
