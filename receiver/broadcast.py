@@ -54,6 +54,11 @@ class ChangeFeed:
     def wake(self, topic: str) -> None:
         self._event(topic).set()
 
+    def wake_all(self) -> None:
+        """Wake every topic (after a gap in which wake-ups from other instances may have been lost)."""
+        for event in self._topics.values():
+            event.set()
+
     async def wait(self, topic: str, timeout: float) -> bool:
         """Wait until `topic` is woken or `timeout` passes; True if woken."""
         event = self._event(topic)

@@ -1,7 +1,7 @@
 """Storage backends, picked from the database URL.
 
 store = create_store("sqlite:///./data/receiver.db", clock=clock)
-store = create_store("postgresql://user@host/db", clock=clock)
+store = create_store("postgresql://user@host/db?schema=receiver", clock=clock)
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ def create_store(url: str, *, clock: Clock = system_clock, feed: ChangeFeed | No
             raise ValueError("SQLite needs a file path (sqlite:///./data/receiver.db), not :memory:")
         return SQLiteStore(path, clock=clock, feed=feed)
     if url.startswith(("postgresql://", "postgres://")):
-        try:
-            from receiver.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:  # pragma: no cover - until the PostgreSQL backend lands
-            raise ValueError("the PostgreSQL backend is not available in this build") from exc
-        store: Store = PostgresStore(url, clock=clock, feed=feed)
-        return store
+        from receiver.store.postgres import PostgresStore
+
+        return PostgresStore(url, clock=clock, feed=feed)
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:///path or postgresql://…")
