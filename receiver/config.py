@@ -246,6 +246,13 @@ def ensure_secrets(settings: Settings, *, announce: Callable[[str], None] | None
     if not missing:
         return settings
     path = settings.data_dir / "secrets.json"
+    if not settings.database_url.startswith("sqlite:"):
+        # Instances sharing a database must share secrets: a URL signed by one is checked by another.
+        log.warning(
+            "config.secrets_not_shared",
+            path=str(path),
+            advice="set RECEIVER_SECRET_KEY, RECEIVER_API_KEYS and RECEIVER_NOTIFY_SECRET on every instance",
+        )
     stored: dict[str, str] = {}
     if path.exists():
         try:

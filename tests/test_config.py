@@ -5,6 +5,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from starlette.datastructures import Secret
 
 from receiver.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings, ensure_secrets, sqlite_path
 
@@ -112,3 +113,13 @@ def test_provider_signature_settings() -> None:
     assert Settings.from_env({"RECEIVER_FAL_JWKS_URL": "off"}).fal_jwks_url is None
     with pytest.raises(ConfigError, match="RECEIVER_FAL_JWKS_URL"):
         Settings.from_env({"RECEIVER_FAL_JWKS_URL": "jwks.json"})
+
+
+def test_a_shared_database_warns_about_secrets_kept_per_instance(tmp_path: Path, logs) -> None:
+    shared = Settings.from_env({"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_DATABASE_URL": "postgresql://h/db"})
+    ensure_secrets(shared, announce=lambda _: None)
+    assert logs.events("config.secrets_not_shared")
+    explicit = shared.replace(secret_keys=(Secret("s"),), api_keys=(Secret("k"),), notify_secret=Secret("whsec_eA=="))
+    logs.records.clear()
+    ensure_secrets(explicit)
+    assert logs.events("config.secrets_not_shared") == []
