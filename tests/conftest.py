@@ -7,12 +7,16 @@ crash (an unhandled exception answered 500) while it ran.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -26,6 +30,11 @@ from receiver.server import free_port, serve_in_background
 from receiver.store.sqlite import SQLiteStore
 from receiver.types import Clock
 
+POSTGRES_URL = os.environ.get("RECEIVER_TEST_POSTGRES_URL", "")
+needs_postgres = pytest.mark.skipif(
+    not POSTGRES_URL,
+    reason="RECEIVER_TEST_POSTGRES_URL is not set (.ci/run sets postgresql://postgres@127.0.0.1:5432/test)",
+)
 API_KEY = "test-api-key"
 NOTIFY_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -99,6 +108,44 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         await store.close()
 
 
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """RECEIVER_TEST_POSTGRES_URL with a fresh schema of a random name (`?schema=`), dropped
+    afterwards, so parallel runs and leftovers never meet. Unreachable is a failure, not a skip."""
+    if not POSTGRES_URL:
+        pytest.skip(needs_postgres.kwargs["reason"])
+    schema = f"receiver_test_{secrets.token_hex(6)}"
+    parts = urlsplit(POSTGRES_URL)
+    url = urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, urlencode({"schema": schema})]))))
+    try:
+        admin = await asyncpg.connect(POSTGRES_URL, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"RECEIVER_TEST_POSTGRES_URL is set but PostgreSQL cannot be reached: {exc!r}")
+    try:
+        yield url
+    finally:
+        try:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+def database(request: pytest.FixtureRequest) -> str:
+    """The database the `running` receiver uses: "sqlite" unless a test parametrises it
+    (`@pytest.mark.parametrize("database", ["sqlite", "postgres"], indirect=True)`)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+async def database_url(database: str, tmp_path: Path) -> AsyncIterator[str]:
+    if database == "postgres":
+        async with postgres_database() as url:
+            yield url
+    else:
+        yield f"sqlite:///{tmp_path}/receiver.db"
+
+
 @dataclass
 class Running:
     """A receiver served on a real socket, and an authenticated client for it."""
@@ -136,8 +183,8 @@ async def fake_provider() -> AsyncIterator[tuple[FakeProvider, str]]:
 
 
 @pytest.fixture
-async def running(tmp_path: Path, fake_provider: tuple[FakeProvider, str]) -> AsyncIterator[Running]:
-    async with start_receiver(tmp_path, provider_url=fake_provider[1]) as running:
+async def running(tmp_path: Path, fake_provider: tuple[FakeProvider, str], database_url: str) -> AsyncIterator[Running]:
+    async with start_receiver(tmp_path, provider_url=fake_provider[1], database_url=database_url) as running:
         yield running
 
 

@@ -13,9 +13,14 @@ import pytest
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port
 from receiver.signing import CallbackSigner
-from tests.conftest import Running, start_receiver
+from tests.conftest import Running, needs_postgres, postgres_database, start_receiver
 
 pytestmark = pytest.mark.anyio
+
+#: The representative round trips, run on SQLite and on PostgreSQL (the rest run on SQLite).
+on_every_database = pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgres", marks=needs_postgres)], indirect=True
+)
 
 BODY = {"provider": "xhuoapi", "model": "gpt-image-2", "prompt": "a red apple", "size": "1024x1024"}
 
@@ -41,6 +46,7 @@ def success(upstream: str, url: str = "https://cdn.example/a.png") -> dict[str, 
     return {"success": True, "task_id": upstream, "trace_id": "t", "data": {"created": 1, "data": [{"url": url}]}}
 
 
+@on_every_database
 async def test_submit_callback_and_status(running: Running, fake_provider: tuple[FakeProvider, str]) -> None:
     fake, _ = fake_provider
     answer = await running.api.post("/v1/tasks", json={**BODY, "metadata": {"order": 42}})
@@ -69,6 +75,7 @@ async def test_a_failure_callback_fails_the_task(running: Running) -> None:
     assert done["state"] == "failed" and done["error"]["code"] == "generation_failed"
 
 
+@on_every_database
 async def test_a_callback_before_the_submission_answer(running: Running) -> None:
     answer = await running.api.post("/v1/tasks", json={**BODY, "prompt": "[early] apple"})
     assert answer.status_code == 202
@@ -81,6 +88,7 @@ async def test_a_callback_before_the_submission_answer(running: Running) -> None
     assert [t["id"] for t in listed["data"]] == [task["id"]]
 
 
+@on_every_database
 async def test_duplicate_callbacks_change_nothing(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     task, url = await submit_silent(running, fake)
@@ -95,6 +103,7 @@ async def test_duplicate_callbacks_change_nothing(running: Running, fake_provide
     assert [c["duplicate"] for c in logged] == [False, True]
 
 
+@on_every_database
 async def test_late_and_conflicting_callbacks_are_ignored(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     task, url = await submit_silent(running, fake)
@@ -114,6 +123,7 @@ async def test_the_callback_suffix_route(running: Running, fake_provider) -> Non
     assert answer.status_code == 200 and answer.json()["task_id"] == task["id"]
 
 
+@on_every_database
 async def test_every_refusal_of_callback_ingress(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     task, url = await submit_silent(running, fake)
@@ -179,6 +189,7 @@ async def test_idempotent_submissions(running: Running, fake_provider) -> None:
                  400, "invalid_request")
 
 
+@on_every_database
 async def test_concurrent_retries_submit_once(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     headers = {"idempotency-key": "burst"}
@@ -210,6 +221,7 @@ async def test_an_unreachable_provider_fails_the_task(tmp_path: Path) -> None:
         assert body["task"]["state"] == "failed"
 
 
+@on_every_database
 async def test_long_poll_answers_as_soon_as_the_task_ends(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     task, url = await submit_silent(running, fake)
@@ -223,6 +235,28 @@ async def test_long_poll_answers_as_soon_as_the_task_ends(running: Running, fake
     assert time.monotonic() - started < 3
 
 
+@needs_postgres
+async def test_instances_on_one_database_answer_for_each_other(tmp_path: Path, fake_provider) -> None:
+    fake, provider_url = fake_provider
+    async with (
+        postgres_database() as url,
+        start_receiver(tmp_path / "a", provider_url=provider_url, database_url=url) as a,
+        start_receiver(tmp_path / "b", provider_url=provider_url, database_url=url) as b,
+    ):
+        task, callback_url = await submit_silent(a, fake)
+        waiting = asyncio.create_task(b.api.get(f"/v1/tasks/{task['id']}", params={"wait": 30}))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await a.post_callback(callback_url, success(task["upstream_task_id"]))  # A takes the callback …
+        done = (await asyncio.wait_for(waiting, 5)).json()  # … B's long-poll answers at once
+        assert done["state"] == "succeeded"
+        # The same callback through B is a duplicate of what A stored.
+        again = await b.post_callback(callback_url.replace(a.url, b.url), success(task["upstream_task_id"]))
+        assert again.json()["duplicate"] is True
+        logged = (await a.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+        assert [c["duplicate"] for c in logged] == [False, True]
+
+
 async def test_long_poll_gives_up_after_wait(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     task, _ = await submit_silent(running, fake)
@@ -233,6 +267,7 @@ async def test_long_poll_gives_up_after_wait(running: Running, fake_provider) ->
     assert_error(await running.api.get(f"/v1/tasks/{task['id']}", params={"wait": "soon"}), 400, "invalid_request")
 
 
+@on_every_database
 async def test_listing_with_filters_and_cursor(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     ids = []
@@ -252,6 +287,7 @@ async def test_listing_with_filters_and_cursor(running: Running, fake_provider) 
     assert_error(await running.api.get("/v1/tasks", params={"limit": 0}), 400, "invalid_request")
 
 
+@on_every_database
 async def test_cancel(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     task, url = await submit_silent(running, fake)
@@ -292,6 +328,7 @@ async def test_the_management_api_needs_a_key(running: Running) -> None:
             assert_error(basic, 401, "unauthorized")
 
 
+@on_every_database
 async def test_callback_urls_for_tasks_submitted_elsewhere(running: Running) -> None:
     minted = await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi", "metadata": {"job": 1}})
     assert minted.status_code == 201
@@ -314,6 +351,7 @@ async def test_callback_urls_for_tasks_submitted_elsewhere(running: Running) -> 
         "provider", "expires_in"}
 
 
+@on_every_database
 async def test_operations_endpoints(running: Running) -> None:
     async with httpx.AsyncClient(base_url=running.url) as anonymous:
         assert (await anonymous.get("/healthz")).json() == {"status": "ok"}

@@ -18,6 +18,7 @@ import pytest
 
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port
+from tests.conftest import NOTIFY_SECRET, needs_postgres, postgres_database
 
 pytestmark = pytest.mark.anyio
 
@@ -40,14 +41,14 @@ def receiver_env(tmp_path: Path, port: int, provider_url: str, **extra: str) -> 
 
 
 class Process:
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env, self.port, self.log = env, port, log
+    def __init__(self, env: dict[str, str], port: int, log: Path, *args: str) -> None:
+        self.env, self.port, self.log, self.args = env, port, log, args
         self.popen: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
         with self.log.open("ab") as handle:  # the child keeps its own descriptor
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "serve", "--port", str(self.port)],
+                [sys.executable, "-m", "receiver", "serve", "--port", str(self.port), *self.args],
                 env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=self.log.parent,
             )
         deadline = time.monotonic() + 20
@@ -173,6 +174,29 @@ async def test_migrate_and_help(tmp_path: Path) -> None:
         assert shown.returncode == 0 and "example:" in shown.stdout, command
     broken = await cli({**env, "RECEIVER_MAX_BODY_BYTES": "lots"}, "migrate")
     assert broken.returncode == 2 and "RECEIVER_MAX_BODY_BYTES" in broken.stderr
+
+
+@needs_postgres
+async def test_several_workers_on_postgres(tmp_path: Path) -> None:
+    port = free_port()
+    async with postgres_database() as url, fake() as (_, provider_url):
+        env = receiver_env(tmp_path, port, provider_url, RECEIVER_DATABASE_URL=url, RECEIVER_SECRET_KEY="shared",
+                           RECEIVER_API_KEYS="key", RECEIVER_NOTIFY_SECRET=NOTIFY_SECRET)
+        migrations = await asyncio.gather(cli(env, "migrate"), cli(env, "migrate"))  # an advisory lock orders them
+        assert [m.returncode for m in migrations] == [0, 0], [m.stderr for m in migrations]
+        server = Process(env, port, tmp_path / "receiver.log", "--workers", "2")
+        await server.start()
+        try:
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=base, headers={"authorization": "Bearer key"}, timeout=30) as api:
+                # Callbacks and long-polls land on either worker process; each answers for the other's writes.
+                tasks = [(await api.post("/v1/tasks", json={**BODY, "prompt": "a plum"})).json() for _ in range(6)]
+                for task in tasks:
+                    shown = (await api.get(f"/v1/tasks/{task['id']}", params={"wait": 10})).json()
+                    assert shown["state"] == "succeeded", shown
+        finally:
+            assert await server.stop() == 0
+        assert "config.secrets_not_shared" not in (tmp_path / "receiver.log").read_text()
 
 
 async def test_demo_runs_the_whole_round_trip(tmp_path: Path) -> None:

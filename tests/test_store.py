@@ -6,13 +6,15 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from receiver.errors import NotFound, TaskMismatch
+from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.ids import new_id
+from receiver.store import create_store, migrations
 from receiver.store.base import (
     Attempt,
     AttemptOutcome,
@@ -23,31 +25,46 @@ from receiver.store.base import (
     Subscription,
     TaskQuery,
 )
+from receiver.store.postgres import ConnectTarget, PostgresStore, parse_url
 from receiver.store.sqlite import SQLiteStore
 from receiver.tasks import JobSpec, Report, Task, apply_report, cancel, record_submission
 from receiver.types import DeliveryStatus, EventType, TaskState, Verdict
+from tests.conftest import needs_postgres, postgres_database
 
 pytestmark = pytest.mark.anyio
 
 IMAGE = {"url": "https://cdn.example/a.png"}
 
 
-async def _open_sqlite(tmp_path: Path) -> Store:
-    store = SQLiteStore(tmp_path / "contract.db")
+@asynccontextmanager
+async def opened(store: Store) -> AsyncIterator[Store]:
     await store.open()
-    return store
-
-
-BACKENDS = {"sqlite": _open_sqlite}
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await BACKENDS[request.param](tmp_path)
     try:
-        yield opened
+        yield store
     finally:
-        await opened.close()
+        await store.close()
+
+
+@asynccontextmanager
+async def _sqlite(tmp_path: Path) -> AsyncIterator[Store]:
+    async with opened(SQLiteStore(tmp_path / "contract.db")) as store:
+        yield store
+
+
+@asynccontextmanager
+async def _postgres(tmp_path: Path) -> AsyncIterator[Store]:
+    async with postgres_database() as url, opened(PostgresStore(url)) as store:  # a fresh schema per test
+        yield store
+
+
+BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Store]]] = {"sqlite": _sqlite, "postgres": _postgres}
+_MARKS = {"postgres": [needs_postgres]}
+
+
+@pytest.fixture(params=[pytest.param(name, marks=_MARKS.get(name, [])) for name in sorted(BACKENDS)])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with BACKENDS[request.param](tmp_path) as backend:
+        yield backend
 
 
 def make_task(**changes) -> Task:
@@ -117,6 +134,15 @@ async def test_idempotency_keys(store: Store) -> None:
     other = await store.create_task(make_task(), idempotency=IdempotencyKey("scope:key-1", "fp-b"))
     assert (other.created, other.same_request, other.task.id) == (False, False, first.id)
     assert len(await store.list_tasks(TaskQuery(limit=10))) == 1
+
+
+async def test_concurrent_requests_with_one_idempotency_key_create_one_task(store: Store) -> None:
+    key = IdempotencyKey("scope:burst", "fp")
+    results = await asyncio.gather(*(store.create_task(make_task(), idempotency=key) for _ in range(8)))
+    created = [r for r in results if r.created]
+    assert len(created) == 1
+    assert {r.task.id for r in results} == {created[0].task.id} and all(r.same_request for r in results)
+    assert [t.id for t in await store.list_tasks(TaskQuery(limit=10))] == [created[0].task.id]
 
 
 async def test_transitions_are_written_with_their_events(store: Store) -> None:
@@ -472,3 +498,212 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
         assert await reopened.migrate() == []  # nothing left to apply
     finally:
         await reopened.close()
+
+
+# --- PostgreSQL: several instances on one database ----------------------------------
+
+
+@asynccontextmanager
+async def instances(count: int = 2) -> AsyncIterator[list[PostgresStore]]:
+    """`count` stores on one fresh schema, as separate receiver instances would be."""
+    async with postgres_database() as url:
+        stores = [PostgresStore(url) for _ in range(count)]
+        await asyncio.gather(*(s.open() for s in stores))
+        try:
+            yield stores
+        finally:
+            for s in stores:
+                await s.close()
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - polls another object's state
+            await asyncio.sleep(0.02)
+
+
+async def reaches(changes: asyncio.Queue[Task], state: TaskState, timeout: float = 5) -> Task:
+    """The first published change in `state` (a feed may show earlier states first)."""
+    async with asyncio.timeout(timeout):
+        while (task := await changes.get()).state is not state:
+            pass
+    return task
+
+
+@pytest.mark.parametrize(
+    ("url", "dsn", "schema", "pool_size"),
+    [
+        pytest.param("postgresql://u@h/db", "postgresql://u@h/db", None, 10, id="plain"),
+        pytest.param("postgres://u:p%40w@h:5433/db?schema=s_1&pool_size=3", "postgres://u:p%40w@h:5433/db", "s_1", 3,
+                     id="receiver-parameters-removed"),
+        pytest.param("postgresql://h/db?sslmode=require&schema=x", "postgresql://h/db?sslmode=require", "x", 10,
+                     id="others-kept-for-asyncpg"),
+    ],
+)
+async def test_postgres_urls(url: str, dsn: str, schema: str | None, pool_size: int) -> None:
+    assert parse_url(url) == ConnectTarget(dsn, schema, pool_size)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("postgresql://h/db?schema=Bad-Name", id="schema-not-a-plain-name"),
+        pytest.param("postgresql://h/db?schema=x;drop", id="schema-injection"),
+        pytest.param("postgresql://h/db?pool_size=0", id="pool-size-zero"),
+        pytest.param("mysql://h/db", id="not-postgres"),
+    ],
+)
+async def test_postgres_urls_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        PostgresStore(url)
+
+
+async def test_postgres_urls_pick_the_postgres_store() -> None:
+    store = create_store("postgres://u@h/db?schema=deploy_a")
+    assert isinstance(store, PostgresStore) and store.schema == "deploy_a"
+
+
+async def test_postgres_unreachable_fails_to_open() -> None:
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/test")
+    with pytest.raises(StoreError, match="cannot connect"):
+        await store.open()
+
+
+@needs_postgres
+async def test_postgres_instances_starting_together_migrate_once(logs) -> None:
+    async with instances(3) as stores:
+        versions = [m.version for m in migrations.load("postgres")]
+        assert [e["version"] for e in logs.events("store.migrated")] == versions
+        for s in stores:
+            assert await s.check_ready() is None
+            assert await s.migrate() == []
+
+
+@needs_postgres
+async def test_postgres_instances_never_claim_the_same_work() -> None:
+    async with instances() as (a, b):
+        await a.create_subscription(subscription())
+        now = time.time()
+        for _ in range(30):
+            await a.create_task(make_task(), jobs=[JobSpec("poll", now, {})], events=[EventType.SUBMITTED])
+
+        async def deliveries(store: Store, owner: str) -> list[str]:
+            claimed: list[str] = []
+            while batch := await store.claim_deliveries(now=now + 1, limit=3, owner=owner, lease_seconds=60):
+                claimed += [job.delivery.id for job in batch]
+            return claimed
+
+        async def jobs(store: Store, owner: str) -> list[str]:
+            claimed: list[str] = []
+            while batch := await store.claim_jobs(["poll"], now=now + 1, limit=3, owner=owner, lease_seconds=60):
+                claimed += [job.id for job in batch]
+            return claimed
+
+        for drain in (deliveries, jobs):
+            shares = await asyncio.gather(drain(a, "a1"), drain(b, "b1"), drain(a, "a2"), drain(b, "b2"))
+            everything = [item for share in shares for item in share]
+            assert len(everything) == len(set(everything)) == 30, [len(s) for s in shares]
+
+
+@needs_postgres
+async def test_postgres_instances_keep_each_tasks_events_in_order() -> None:
+    async with instances() as (a, b):
+        await a.create_subscription(subscription())
+        task = await submitted(a)
+        await a.transition(task.id, lambda t: apply_report(t, Report(TaskState.RUNNING), now=time.time()))
+        now = time.time() + 1
+        [first] = await a.claim_deliveries(now=now, limit=10, owner="a", lease_seconds=30)
+        assert first.delivery.event_type == "task.submitted"
+        assert await b.claim_deliveries(now=now, limit=10, owner="b", lease_seconds=30) == []  # waits behind it
+        ok = AttemptOutcome(Attempt(at=now, status_code=200, latency_ms=1), DeliveryStatus.SUCCEEDED)
+        await a.finish_attempt(first.delivery.id, "a", ok)
+        [second] = await b.claim_deliveries(now=now, limit=10, owner="b", lease_seconds=30)
+        assert second.delivery.event_type == "task.running"
+
+
+@needs_postgres
+async def test_postgres_a_dead_instances_leases_are_taken_over() -> None:
+    async with instances(2) as (dead, survivor):
+        await dead.create_subscription(subscription())
+        await dead.create_task(make_task(), jobs=[JobSpec("poll", time.time(), {})], events=[EventType.SUBMITTED])
+        now = time.time() + 1
+        [held] = await dead.claim_deliveries(now=now, limit=5, owner="dead", lease_seconds=30)
+        [job] = await dead.claim_jobs(["poll"], now=now, limit=5, owner="dead", lease_seconds=30)
+        await dead.close()  # gone without handing its leases back, as after a SIGKILL
+
+        assert await survivor.claim_deliveries(now=now + 29, limit=5, owner="survivor", lease_seconds=30) == []
+        assert await survivor.claim_jobs(["poll"], now=now + 29, limit=5, owner="survivor", lease_seconds=30) == []
+        [taken] = await survivor.claim_deliveries(now=now + 31, limit=5, owner="survivor", lease_seconds=30)
+        [retaken] = await survivor.claim_jobs(["poll"], now=now + 31, limit=5, owner="survivor", lease_seconds=30)
+        # The same delivery of the same event, byte for byte: a resend keeps its webhook-id.
+        assert (taken.delivery.id, taken.delivery.event_id, taken.body) == (held.delivery.id, held.delivery.event_id,
+                                                                           held.body)
+        assert retaken.id == job.id
+        ok = AttemptOutcome(Attempt(at=now + 31, status_code=200, latency_ms=1), DeliveryStatus.SUCCEEDED)
+        await survivor.finish_attempt(taken.delivery.id, "survivor", ok)
+        done = await survivor.get_delivery(taken.delivery.id)
+        assert done is not None and done.status is DeliveryStatus.SUCCEEDED
+
+
+@needs_postgres
+async def test_postgres_expiry_sweeps_on_two_instances_split_the_work() -> None:
+    async with instances() as (a, b):
+        now = time.time()
+        tasks = [make_task(expires_at=now - 1) for _ in range(40)]
+        for task in tasks:
+            await a.create_task(task)
+        sweeps = await asyncio.gather(*(store.expire_tasks(now, 7) for store in (a, b) * 4))
+        swept = [applied.task.id for sweep in sweeps for applied in sweep]
+        while rest := await a.expire_tasks(now, 50):
+            swept += [applied.task.id for applied in rest]
+        assert sorted(swept) == sorted(task.id for task in tasks)  # each expired once, by one instance
+        assert {(await a.get_task(task.id)).sequence for task in tasks} == {2}
+
+
+@needs_postgres
+async def test_postgres_a_commit_on_one_instance_reaches_the_others() -> None:
+    async with instances() as (a, b):
+        await a.create_subscription(subscription())
+        task = await submitted(a)
+        with a.feed.listen(task.id) as on_a, b.feed.listen(task.id) as on_b:
+            await a.transition(task.id, lambda t: cancel(t, now=time.time()))
+            seen = await reaches(on_b, TaskState.CANCELLED)
+            assert seen.sequence == 3
+            assert seen == await b.get_task(task.id)
+            assert await b.feed.wait("deliveries", 5)  # a's new delivery wakes b's dispatcher
+            await a.schedule_job(task.id, "poll", run_at=time.time(), payload={})
+            assert await b.feed.wait("jobs", 5)
+            assert (await on_a.get()).state is TaskState.CANCELLED
+            await asyncio.sleep(0.2)
+            assert on_a.empty()  # a's own notification is not published a second time
+
+
+@needs_postgres
+async def test_postgres_the_listener_survives_a_terminated_connection(logs, monkeypatch) -> None:
+    async with instances() as (a, b):
+        listener = b._listener
+        assert listener is not None and listener.pid is not None
+        pid = listener.pid
+        reconnect, connect = asyncio.Event(), listener._connect
+
+        async def held_connect():  # keeps b deaf until the test has committed a change
+            await reconnect.wait()
+            return await connect()
+
+        monkeypatch.setattr(listener, "_connect", held_connect)
+        task = await submitted(a)
+        await b.feed.wait("expiry", 0)  # a worker waits on it
+        with b.feed.listen(task.id) as on_b:
+            assert await a._fetch("SELECT pg_terminate_backend($1)", pid)
+            await eventually(lambda: listener.conn is None)
+            await a.transition(task.id, lambda t: cancel(t, now=time.time()))  # b misses this NOTIFY
+            reconnect.set()
+            # The catch-up after reconnecting republishes what changed meanwhile and wakes the workers.
+            await reaches(on_b, TaskState.CANCELLED, timeout=10)
+            assert await b.feed.wait("expiry", 5)
+        assert listener.reconnects == 1 and listener.pid not in (None, pid)
+        assert logs.events("store.listener_lost") and logs.events("store.listener_restored")
+        later = await submitted(a)
+        with b.feed.listen(later.id) as on_b:
+            await a.transition(later.id, lambda t: cancel(t, now=time.time()))
+            await reaches(on_b, TaskState.CANCELLED)  # and it listens again
