@@ -257,8 +257,8 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._listener: _Listener | None = None
 
-    def _server_settings(self, application_name: str) -> dict[str, str]:
-        settings = {"application_name": application_name}
+    def _server_settings(self, application_name: str, **more: str) -> dict[str, str]:
+        settings = {"application_name": application_name, **more}
         if self.schema is not None:
             settings["search_path"] = self.schema
         return settings
@@ -270,7 +270,9 @@ class PostgresStore:
                 self._dsn,
                 min_size=1,
                 max_size=self.pool_size,
-                server_settings=self._server_settings("receiver"),
+                # A transaction whose instance vanished (a lost machine, not just a killed process)
+                # must not hold its task's row lock for hours: the server ends it.
+                server_settings=self._server_settings("receiver", idle_in_transaction_session_timeout="60s"),
             )
         except DRIVER_ERRORS as exc:  # never echo the URL: it may carry a password
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -301,12 +303,14 @@ class PostgresStore:
     async def migrate(self) -> list[str]:
         """Apply pending migrations under a transaction-level advisory lock, so instances
         starting together apply each migration exactly once."""
-        assert self.schema is not None
+        schema = self.schema
+        if schema is None or self._pool is None:
+            raise StoreError("the store is not open")
         applied = []
         async with self._transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(self.schema))
-            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", self.schema):
-                await conn.execute(f'CREATE SCHEMA "{self.schema}"')  # a checked name: [a-z_][a-z0-9_]*
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(schema))
+            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", schema):
+                await conn.execute(f'CREATE SCHEMA "{schema}"')  # a checked name: [a-z_][a-z0-9_]*
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations"
                 " (version text PRIMARY KEY, applied_at double precision NOT NULL)"
@@ -322,7 +326,7 @@ class PostgresStore:
                 )
                 applied.append(migration.version)
         for version in applied:
-            log.info("store.migrated", backend="postgresql", schema=self.schema, version=version)
+            log.info("store.migrated", backend="postgresql", schema=schema, version=version)
         return applied
 
     async def check_ready(self) -> str | None:
@@ -897,7 +901,7 @@ class _Listener:
             while self.conn is None:
                 try:
                     self.conn = await self._connect()
-                except _LINK_ERRORS as exc:
+                except Exception as exc:  # whatever stops it, try again: the instance needs to hear the others
                     log.warning("store.listener_retry", backend="postgresql", error=str(exc)[:200], delay=backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -920,7 +924,7 @@ class _Listener:
                     await asyncio.wait_for(lost.wait(), _KEEPALIVE)
                 except TimeoutError:  # quiet for a while: make sure the link is still alive
                     await conn.execute("SELECT 1", timeout=5)
-        except _LINK_ERRORS:
+        except Exception:  # a broken link, however it shows
             pass
         conn.terminate()
 
@@ -946,8 +950,10 @@ class _Listener:
             batch, self._pending = self._pending, set()
             try:
                 await self.store._republish(batch)
-            except StoreError as exc:
+            except StoreError as exc:  # the database is away for a moment: try again shortly
                 log.warning("store.republish_failed", backend="postgresql", error=str(exc)[:200])
-                self._pending |= batch  # try again shortly
+                self._pending |= batch
                 await asyncio.sleep(0.5)
                 self._kick.set()
+            except Exception as exc:  # one bad batch must not end cross-instance publishing
+                log.error("store.republish_failed", backend="postgresql", error=repr(exc)[:200], exc_info=True)
