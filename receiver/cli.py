@@ -16,11 +16,12 @@ import orjson
 from receiver import __version__
 from receiver.client import Client, ClientError, default_api_key, default_url
 from receiver.config import ConfigError, Settings, ensure_secrets
-from receiver.logs import configure_logging
+from receiver.logs import configure_logging, get_logger
 
 EPILOGS = {
     "serve": "example:\n  RECEIVER_PUBLIC_URL=https://my-tunnel.example receiver serve --port 8000",
-    "migrate": "example:\n  RECEIVER_DATABASE_URL=sqlite:////data/receiver.db receiver migrate",
+    "migrate": "example:\n  RECEIVER_DATABASE_URL=sqlite:////data/receiver.db receiver migrate\n"
+    "  RECEIVER_DATABASE_URL='postgresql://receiver@db.internal/receiver?schema=prod' receiver migrate",
     "demo": "example:\n  receiver demo",
     "fake-provider": "example:\n  receiver fake-provider --port 9000 --delay 2 --fail-rate 0.1\n"
     "  RECEIVER_XHUOAPI_URL=http://127.0.0.1:9000 receiver serve\n\n"
@@ -161,6 +162,13 @@ def run_serve(args: argparse.Namespace) -> int:
         "forwarded_allow_ips": settings.forwarded_allow_ips,
     }
     if args.workers > 1:
+        if settings.database_url.startswith("sqlite:"):
+            get_logger("receiver.cli").warning(
+                "serve.workers_on_sqlite",
+                workers=args.workers,
+                advice="worker processes contend for one SQLite file and do not hear each other's changes "
+                "(a long-poll waits it out): run several workers on PostgreSQL (see the README's Scaling out)",
+            )
         # Secrets exist on disk by now, so every worker process reads the same ones.
         uvicorn.run(
             "receiver.app:app_from_env",
