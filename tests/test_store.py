@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from receiver.errors import NotFound, StoreError, TaskMismatch
@@ -29,7 +30,7 @@ from receiver.store.postgres import ConnectTarget, PostgresStore, parse_url
 from receiver.store.sqlite import SQLiteStore
 from receiver.tasks import JobSpec, Report, Task, apply_report, cancel, record_submission
 from receiver.types import DeliveryStatus, EventType, TaskState, Verdict
-from tests.conftest import needs_postgres, postgres_database
+from tests.conftest import POSTGRES_URL, needs_postgres, postgres_database
 
 pytestmark = pytest.mark.anyio
 
@@ -567,6 +568,24 @@ async def test_postgres_unreachable_fails_to_open() -> None:
     store = PostgresStore("postgresql://postgres@127.0.0.1:1/test")
     with pytest.raises(StoreError, match="cannot connect"):
         await store.open()
+
+
+@needs_postgres
+async def test_postgres_schema_from_the_search_path() -> None:
+    async with postgres_database() as url:
+        schema = parse_url(url).schema
+        admin = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await admin.execute(f"CREATE SCHEMA {schema}")  # libpq style: the schema must exist
+            sep = "&" if "?" in POSTGRES_URL else "?"
+            async with opened(PostgresStore(f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}")) as store:
+                assert store.schema == schema and await store.check_ready() is None
+                tables = await admin.fetchval(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1", schema
+                )
+                assert tables == 9
+        finally:
+            await admin.close()
 
 
 @needs_postgres
