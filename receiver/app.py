@@ -21,6 +21,7 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from receiver import __version__
+from receiver.assets import AssetStore
 from receiver.auth import ApiKeys, BearerAuth
 from receiver.clock import system_clock
 from receiver.config import Settings, ensure_secrets
@@ -29,8 +30,8 @@ from receiver.errors import EXCEPTION_HANDLERS
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
 from receiver.providers import Providers, signatures_for
-from receiver.routes import callbacks, ops, tasks
-from receiver.signing import CallbackSigner
+from receiver.routes import assets, callbacks, ops, tasks
+from receiver.signing import AssetSigner, CallbackSigner
 from receiver.store import Store, create_store
 from receiver.types import Clock
 from receiver.workers import Workers, expire_due_tasks
@@ -80,6 +81,7 @@ def create_app(
     settings = ensure_secrets(settings or Settings.from_env(os.environ))
     clock = clock or system_clock
     api_keys = ApiKeys([str(key) for key in settings.api_keys])
+    keys = [str(k) for k in settings.secret_keys]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -97,9 +99,10 @@ def create_app(
                     clock=clock,
                     http=http,
                     providers=Providers(settings, http),
-                    signer=CallbackSigner([str(k) for k in settings.secret_keys], clock=clock),
+                    signer=CallbackSigner(keys, clock=clock),
                     metrics=Metrics(),
                     signatures=signatures_for(settings, http, clock),
+                    assets=AssetStore(settings.asset_dir, AssetSigner(keys, clock=clock), settings.public_url),
                 )
                 app.state.ctx = ctx
                 workers = Workers(the_store.feed)
@@ -117,6 +120,7 @@ def create_app(
         routes=[
             Mount("/v1", routes=tasks.routes, middleware=[Middleware(BearerAuth, keys=api_keys)]),
             *callbacks.routes,
+            *assets.routes,
             *ops.routes,
         ],
         middleware=[Middleware(AccessLog)],

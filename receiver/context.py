@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from receiver.assets import AssetStore
 from receiver.config import Settings
 from receiver.metrics import Metrics
 from receiver.providers import Providers
@@ -25,6 +26,7 @@ class Context:
     signer: CallbackSigner
     metrics: Metrics
     signatures: ProviderSignatures  # providers' own callback signatures (Replicate, fal)
+    assets: AssetStore
 
     def callback_url(self, task_id: str, *, max_age: int | None = None) -> str:
         """The signed URL a provider posts `task_id`'s result to."""

@@ -76,3 +76,10 @@ class CallbackSigner(TokenSigner):
 
     def __init__(self, keys: Sequence[str], *, clock: Clock = system_clock) -> None:
         super().__init__(keys, salt=CALLBACK_SALT, clock=clock)
+
+
+class AssetSigner(TokenSigner):
+    """Tokens for `/assets/{token}` (the asset store's file names)."""
+
+    def __init__(self, keys: Sequence[str], *, clock: Clock = system_clock) -> None:
+        super().__init__(keys, salt=ASSET_SALT, clock=clock)
