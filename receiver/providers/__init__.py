@@ -15,6 +15,7 @@ import httpx
 from receiver.config import Settings
 from receiver.errors import InvalidPayload
 from receiver.providers.base import Dialect, Provider
+from receiver.providers.dialects import ApimartDialect, KieDialect, KlingDialect
 from receiver.providers.fal import FalDialect, FalProvider, FalSignature
 from receiver.providers.jwks import KeySet
 from receiver.providers.replicate import ReplicateDialect, ReplicateProvider, ReplicateSignature
@@ -22,11 +23,14 @@ from receiver.providers.signatures import ProviderSignatures
 from receiver.providers.xhuoapi import XhuoapiDialect, XhuoapiProvider
 from receiver.types import JSON, Clock
 
-#: Callback dialects by name; `auto` tries them in this order.
+#: Callback dialects by name; `auto` asks every one and needs exactly one to recognise the payload.
 DIALECTS: dict[str, Dialect] = {
     "xhuoapi": XhuoapiDialect(),
     "replicate": ReplicateDialect(),
     "fal": FalDialect(),
+    "kie": KieDialect(),
+    "kling": KlingDialect(),
+    "apimart": ApimartDialect(),
 }
 
 ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
@@ -55,11 +59,17 @@ class Providers:
 
 
 def detect(payload: JSON) -> Dialect:
-    """The dialect `payload` is written in; InvalidPayload if none recognises it."""
-    for dialect in DIALECTS.values():
-        if dialect.detect(payload):
-            return dialect
-    raise InvalidPayload("No known callback dialect recognises this payload.")
+    """The dialect `payload` is written in; InvalidPayload if none, or more than one, recognises it."""
+    found = [dialect for dialect in DIALECTS.values() if dialect.detect(payload)]
+    if not found:
+        raise InvalidPayload("No known callback dialect recognises this payload.")
+    if len(found) > 1:
+        names = ", ".join(d.name for d in found)
+        raise InvalidPayload(
+            f"This payload could be {names}: mint the callback URL for its provider instead of auto.",
+            details={"dialects": [d.name for d in found]},
+        )
+    return found[0]
 
 
 def dialect_for(name: str, payload: JSON) -> Dialect:
