@@ -72,6 +72,8 @@ class Settings:
     delivery_timeout: float = 10.0
     disable_after: float = 5 * 86400.0
     provider_timeout: float = 30.0
+    router_timeout: float = 600.0
+    max_upload_bytes: int = 64 * 1024 * 1024
     allow_private_urls: bool = False
     max_body_bytes: int = 1048576
     mirror_assets: bool = True
@@ -112,6 +114,8 @@ class Settings:
             delivery_timeout=env("RECEIVER_DELIVERY_TIMEOUT", _positive_float, cls.delivery_timeout),
             disable_after=env("RECEIVER_DISABLE_AFTER", _positive_float, cls.disable_after),
             provider_timeout=env("RECEIVER_PROVIDER_TIMEOUT", _positive_float, cls.provider_timeout),
+            router_timeout=env("RECEIVER_ROUTER_TIMEOUT", _positive_float, cls.router_timeout),
+            max_upload_bytes=env("RECEIVER_MAX_UPLOAD_BYTES", _positive_int, cls.max_upload_bytes),
             allow_private_urls=env("RECEIVER_ALLOW_PRIVATE_URLS", _bool, False),
             max_body_bytes=env("RECEIVER_MAX_BODY_BYTES", _positive_int, cls.max_body_bytes),
             mirror_assets=env("RECEIVER_MIRROR_ASSETS", _bool, True),

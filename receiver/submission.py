@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 
@@ -75,9 +75,10 @@ async def submit(
     idempotency_key: str | None = None,
     key_scope: str = "",
     uploads: Sequence[Upload] = (),
+    problems: Sequence[Mapping[str, str]] = (),
 ) -> tuple[Task, bool]:
     """Submit a task; returns (task, created). Raises InvalidParameters, Conflict, ProviderRefused."""
-    request = validate(body)
+    request = validate(body, uploads, problems=problems)
     task = new_task(ctx, request)
     idempotency = None
     if idempotency_key is not None:
@@ -94,7 +95,7 @@ async def submit(
             )
         return await _settled(ctx, created.task), False
     # The upstream call and its recording finish even if the client goes away.
-    return await asyncio.shield(_send(ctx, task, uploads)), True
+    return await asyncio.shield(_send(ctx, task, request.uploads)), True
 
 
 async def _send(ctx: Context, task: Task, uploads: Sequence[Upload]) -> Task:

@@ -123,3 +123,13 @@ def test_a_shared_database_warns_about_secrets_kept_per_instance(tmp_path: Path,
     logs.records.clear()
     ensure_secrets(explicit)
     assert logs.events("config.secrets_not_shared") == []
+def test_provider_call_and_upload_limits() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.router_timeout == 600 and defaults.max_upload_bytes == 64 * 1024 * 1024
+    assert defaults.provider("xenodia").url == "https://api.xenodia.xyz"
+    settings = Settings.from_env({"RECEIVER_ROUTER_TIMEOUT": "90", "RECEIVER_MAX_UPLOAD_BYTES": "1000",
+                                  "RECEIVER_ROUTER_URL": "http://127.0.0.1:9000/"})
+    assert settings.router_timeout == 90 and settings.max_upload_bytes == 1000
+    assert settings.provider("router").url == "http://127.0.0.1:9000"
+    with pytest.raises(ConfigError, match="RECEIVER_MAX_UPLOAD_BYTES"):
+        Settings.from_env({"RECEIVER_MAX_UPLOAD_BYTES": "-1"})

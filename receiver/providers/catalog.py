@@ -1,23 +1,51 @@
 """The model catalog (catalog.json) and the one validator that reads it.
 
-    request = validate(body)     # InvalidParameters listing every offending field
+    request = validate(body, uploads)      # InvalidParameters listing every offending field
+    body, problems = form_body(fields)     # multipart text fields, typed by the catalog
 
-Rules are data: which providers exist, which models each offers (a list, or
-a `model_pattern` for providers with free-form model ids), which parameters
-each takes and of what type (`passthrough` providers take any other parameter
-as is, for the model's own input).
+Rules are data, checked before any upstream call. The file's shape:
+
+    {"references": {"mime_types": [...], "max_bytes": N},   reference files, for every provider
+     "providers": {"<provider>": {
+        "models": {"<model>": {model rules}},              or, for free-form model ids:
+        "model_pattern": "regex", "model_hint": "…",        any id matching it (whole), with no rules
+        "params": {"<name>": {param rule} | "<type>"},     the parameters it takes
+        "passthrough": true,                                any other parameter goes through as is
+        "uploads": ["image", "image[]"],                    multipart file fields it takes (default: none)
+        "references": ["image_input"],                      parameters whose items are reference images
+        "max_references": N, "rules": [rule, …]}}}         as in a model, for every model
+
+    model rules  {"params": {"<name>": {param rule}}       merged over the provider's rule of that name
+                  "only": ["size"],                         other parameters mean nothing: dropped, with a warning
+                  "max_references": N, "rules": [rule, …]}
+    param rule   {"type": "string|integer|number|boolean|array|object", "enum": [...], "pattern": "regex",
+                  "hint": "shown when the pattern fails", "minimum": n, "maximum": n,
+                  "items": {"type": …, "format": "url"} (each item's rule) | [values] (a non-empty
+                  list of these), "format": "url",
+                  "dimensions": {"allow": ["auto"], "multiple_of": 16, "max_side": 3840, "max_pixels": 8294400},
+                  "unsupported": "message"}
+    rule         {"forbid": {"<param>": [values] | "*", …}, "field": "<param>", "message": "…"}:
+                  refused when every named parameter is given with one of its values ("*": any value)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any, cast
+from typing import Any
+from urllib.parse import urlsplit
 
+import orjson
+
+from receiver.assets import sniff
 from receiver.errors import InvalidParameters
+from receiver.providers.base import Upload
 from receiver.types import JSON
 
 #: Fields of a submission that are the receiver's own, never sent upstream.
@@ -31,6 +59,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "array": (list,),
     "object": (dict,),
 }
+_DIMENSIONS = re.compile(r"^([0-9]{1,6})x([0-9]{1,6})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +71,7 @@ class ValidatedRequest:
     notify_url: str | None = None
     metadata: JSON = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    uploads: tuple[Upload, ...] = ()  # content types corrected from the files' bytes
 
     def request(self) -> JSON:
         """The task's `request` as stored and shown: the prompt and the parameters sent."""
@@ -59,72 +89,118 @@ def providers() -> list[str]:
     return sorted(catalog()["providers"])
 
 
-def _model_problem(entry: dict[str, Any], provider: str, model: str) -> str | None:
-    """Why `model` is not one `entry` offers: a listed name, or free-form matching `model_pattern`."""
-    pattern = entry.get("model_pattern")
-    if pattern is not None:
-        return None if re.fullmatch(pattern, model) else f"must be {entry['model_hint']}"
-    return None if model in entry["models"] else f"{provider} offers: {', '.join(entry['models'])}"
+class _Problems:
+    """Offending fields, one entry per field (several complaints about one field are joined)."""
+
+    def __init__(self, initial: Sequence[Mapping[str, str]] = ()) -> None:
+        self.items: list[dict[str, str]] = []
+        for item in initial:
+            self.add(item["field"], item["message"])
+
+    def add(self, name: str, message: str) -> None:
+        for item in self.items:
+            if item["field"] == name:
+                item["message"] += f"; {message}"
+                return
+        self.items.append({"field": name, "message": message})
+
+    def __contains__(self, name: object) -> bool:
+        return any(item["field"] == name for item in self.items)
 
 
-def _param_problem(spec: str | dict[str, Any], value: Any) -> str | None:
-    """A parameter's type (`"string"`), or `{"type": "array", "items": [allowed values]}`."""
-    kind: str = spec if isinstance(spec, str) else spec["type"]
-    if not isinstance(value, _TYPES[kind]) or (kind != "boolean" and isinstance(value, bool)):
-        return f"must be of type {kind}"
-    allowed: list[Any] | None = None if isinstance(spec, str) else spec.get("items")
-    if allowed is not None and (not value or any(item not in allowed for item in cast(list[Any], value))):
-        return f"must be a non-empty list of: {', '.join(allowed)}"
-    return None
+def model_rules(provider: str, model: str) -> JSON | None:
+    """The rules of `model` on `provider` (None: the provider does not offer it)."""
+    entry = catalog()["providers"].get(provider)
+    if entry is None:
+        return None
+    if "model_pattern" in entry:
+        return {} if re.fullmatch(entry["model_pattern"], model) else None
+    rules: JSON | None = entry.get("models", {}).get(model)
+    return rules
 
 
-def validate(body: JSON) -> ValidatedRequest:
-    """Check a submission against the catalog; every offending field is reported at once."""
-    problems: list[dict[str, str]] = []
+def param_rules(provider: str, model: str | None) -> dict[str, JSON]:
+    """Each parameter's rule for `model` on `provider` (the model's merged over the provider's)."""
+    entry = catalog()["providers"][provider]
+    merged = {name: _rule(rule) for name, rule in entry.get("params", {}).items()}
+    rules = model_rules(provider, model) if model else None
+    for name, rule in (rules or {}).get("params", {}).items():
+        merged[name] = {**merged.get(name, {}), **rule}
+    return merged
 
-    def bad(name: str, message: str) -> None:
-        problems.append({"field": name, "message": message})
 
+def validate(
+    body: JSON, uploads: Sequence[Upload] = (), *, problems: Sequence[Mapping[str, str]] = ()
+) -> ValidatedRequest:
+    """Check a submission against the catalog; every offending field is reported at once.
+
+    `problems` are complaints found earlier (e.g. while reading a form), reported with the rest.
+    """
+    bad = _Problems(problems)
     entries = catalog()["providers"]
     provider = body.get("provider")
     model = body.get("model")
     prompt = body.get("prompt")
-    entry: dict[str, Any] | None = None
+    entry: JSON | None = None
+    rules: JSON | None = None
     if not isinstance(provider, str) or provider not in entries:
-        bad("provider", f"must be one of: {', '.join(sorted(entries))}")
+        bad.add("provider", f"must be one of: {', '.join(sorted(entries))}")
     else:
         entry = entries[provider]
     if not isinstance(model, str) or not model:
-        bad("model", "is required")
-    elif entry is not None and (problem := _model_problem(entry, str(provider), model)):
-        bad("model", problem)
+        bad.add("model", "is required")
+    elif entry is not None and isinstance(provider, str):
+        rules = model_rules(provider, model)
+        if rules is None:
+            if "model_pattern" in entry:
+                bad.add("model", f"must be {entry.get('model_hint') or 'a model id ' + provider + ' accepts'}")
+            else:
+                bad.add("model", f"{provider} offers: {', '.join(entry.get('models', {}))}")
     if not isinstance(prompt, str) or not prompt.strip():
-        bad("prompt", "is required and must be a non-empty string")
+        bad.add("prompt", "is required and must be a non-empty string")
     notify_url = body.get("notify_url")
     if notify_url is not None and not isinstance(notify_url, str):
-        bad("notify_url", "must be a URL string")
+        bad.add("notify_url", "must be a URL string")
     metadata = body.get("metadata", {})
     if not isinstance(metadata, dict):
-        bad("metadata", "must be an object")
+        bad.add("metadata", "must be an object")
         metadata = {}
 
     params: JSON = {}
-    if entry is not None:
-        known: dict[str, Any] = entry["params"]
-        for name, value in body.items():
-            if name in OWN_FIELDS:
+    warnings: list[str] = []
+    checked_uploads: tuple[Upload, ...] = ()
+    if entry is not None and isinstance(provider, str):
+        name_of_model = model if isinstance(model, str) and rules is not None else None
+        known = param_rules(provider, name_of_model)
+        given = {k: v for k, v in body.items() if k not in OWN_FIELDS and v is not None}
+        accepted: JSON = {}
+        for name, value in given.items():
+            rule = known.get(name)
+            if rule is None:
+                if entry.get("passthrough"):  # the model's own input, checked by the provider
+                    accepted[name] = value
+                else:
+                    bad.add(name, f"is not a parameter {provider} accepts")
                 continue
-            spec = known.get(name)
-            if spec is None and not entry.get("passthrough"):
-                bad(name, f"is not a parameter {provider} accepts")
-            elif value is None:
-                continue
-            elif spec is not None and (problem := _param_problem(spec, value)):
-                bad(name, problem)
+            problem = check_param(value, rule)
+            if problem is not None:
+                bad.add(name, problem)
+            else:
+                accepted[name] = value
+        merged = {**entry, **(rules or {})}
+        for rule in [*entry.get("rules", []), *(rules or {}).get("rules", [])]:
+            if rule["field"] not in bad and _forbidden(rule["forbid"], accepted):
+                bad.add(rule["field"], rule["message"])
+        checked_uploads = _check_uploads(uploads, entry, provider, bad)
+        _check_references(accepted, checked_uploads, entry, merged.get("max_references"), bad)
+        only = (rules or {}).get("only")
+        for name, value in accepted.items():
+            if only is not None and name not in only:
+                warnings.append(f"'{name}' means nothing to {model} on {provider}: it was dropped, not sent")
             else:
                 params[name] = value
-    if problems:
-        raise InvalidParameters(problems)
+    if bad.items:
+        raise InvalidParameters(bad.items)
     assert isinstance(provider, str) and isinstance(model, str) and isinstance(prompt, str)
     return ValidatedRequest(
         provider=provider,
@@ -133,4 +209,174 @@ def validate(body: JSON) -> ValidatedRequest:
         params=params,
         notify_url=notify_url,
         metadata=metadata,
+        warnings=tuple(warnings),
+        uploads=checked_uploads,
     )
+
+
+def check_param(value: Any, rule: Mapping[str, Any]) -> str | None:
+    """What is wrong with `value` under `rule` (None: nothing)."""
+    if "unsupported" in rule:
+        return str(rule["unsupported"])
+    kind = rule.get("type")
+    if kind is not None and not _is(value, kind):
+        return f"must be of type {kind}"
+    if "enum" in rule and value not in rule["enum"]:
+        return f"must be one of: {', '.join(_show(v) for v in rule['enum'])}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in rule and value < rule["minimum"]:
+            return f"must be at least {rule['minimum']}"
+        if "maximum" in rule and value > rule["maximum"]:
+            return f"must be at most {rule['maximum']}"
+    if isinstance(value, str):
+        if "pattern" in rule and not re.match(rule["pattern"], value):
+            return str(rule.get("hint") or f"{value!r} does not match {rule['pattern']}")
+        if rule.get("format") == "url" and not _is_url(value):
+            return "must be an http(s) URL"
+        if "dimensions" in rule:
+            return _check_dimensions(value, rule["dimensions"])
+    items = rule.get("items")
+    if isinstance(value, list) and isinstance(items, list):
+        if not value or any(item not in items for item in value):
+            return f"must be a non-empty list of: {', '.join(_show(v) for v in items)}"
+    elif isinstance(value, list) and isinstance(items, dict):
+        for index, item in enumerate(value):
+            problem = check_param(item, items)
+            if problem is not None:
+                return f"item {index}: {problem}"
+    return None
+
+
+def _rule(spec: str | JSON) -> JSON:
+    """A parameter's rule; a bare type name (`"string"`) is short for `{"type": "string"}`."""
+    return {"type": spec} if isinstance(spec, str) else dict(spec)
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind != "boolean" and isinstance(value, bool):
+        return False
+    if kind == "number" and isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, _TYPES[kind])
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def _is_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _check_dimensions(value: str, spec: Mapping[str, Any]) -> str | None:
+    allowed = list(spec.get("allow", []))
+    if value in allowed:
+        return None
+    match = _DIMENSIONS.match(value)
+    if match is None:
+        return f"must be {' or '.join([*allowed, 'WIDTHxHEIGHT'])}, e.g. 1024x1536"
+    width, height = int(match.group(1)), int(match.group(2))
+    step = spec.get("multiple_of")
+    if width <= 0 or height <= 0:
+        return "width and height must be positive"
+    if step and (width % step or height % step):
+        return f"width and height must be multiples of {step}"
+    if "max_side" in spec and max(width, height) > spec["max_side"]:
+        return f"the longer side must be at most {spec['max_side']}"
+    if "max_pixels" in spec and width * height > spec["max_pixels"]:
+        return f"at most {spec['max_pixels']:,} pixels (width * height), got {width * height:,}"
+    return None
+
+
+def _forbidden(forbid: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    return all(name in params and (values == "*" or params[name] in values) for name, values in forbid.items())
+
+
+def _check_uploads(uploads: Sequence[Upload], entry: JSON, provider: str, bad: _Problems) -> tuple[Upload, ...]:
+    fields = entry.get("uploads", [])
+    limits = {**catalog()["references"], **entry.get("reference_limits", {})}
+    accepted_types: list[str] = limits["mime_types"]
+    checked = []
+    for upload in uploads:
+        if upload.field not in fields:
+            where = f"files go in {' or '.join(fields)}" if fields else "give reference images as URLs"
+            bad.add(upload.field, f"{provider} takes no file here ({where})")
+            continue
+        real = sniff(upload.data)
+        if real not in accepted_types:
+            what = real or "not an image we recognise"
+            bad.add(upload.field, f"{upload.filename!r} is {what}; accepted: {', '.join(accepted_types)}")
+        elif len(upload.data) > limits["max_bytes"]:
+            bad.add(
+                upload.field,
+                f"{upload.filename!r} is {len(upload.data):,} bytes; at most {limits['max_bytes']:,} bytes each",
+            )
+        else:
+            checked.append(dataclasses.replace(upload, content_type=real))
+    return tuple(checked)
+
+
+def _check_references(params: JSON, uploads: Sequence[Upload], entry: JSON, limit: int | None, bad: _Problems) -> None:
+    if limit is None:
+        return
+    names = [name for name in entry.get("references", []) if isinstance(params.get(name), list)]
+    count = sum(len(params[name]) for name in names) + len(uploads)
+    if count > limit:
+        where = names[0] if names else (uploads[0].field if uploads else "image_input")
+        bad.add(where, f"at most {limit} reference images, got {count}")
+
+
+# --- multipart forms ------------------------------------------------------------------
+
+
+def form_body(fields: Sequence[tuple[str, str]]) -> tuple[JSON, list[dict[str, str]]]:
+    """A submission from multipart text fields: values typed by the catalog's parameter types.
+
+    Repeated fields (`image_input`, `image_input[]`) become a list where the parameter is an
+    array; a value that does not read as its type is kept as text, so `validate` reports it.
+    """
+    grouped: dict[str, list[str]] = {}
+    for name, value in fields:
+        grouped.setdefault(name.removesuffix("[]"), []).append(value)
+    provider = (grouped.get("provider") or [""])[0]
+    model = (grouped.get("model") or [""])[0]
+    types: dict[str, str] = {"metadata": "object"}
+    if provider in catalog()["providers"]:
+        known = param_rules(provider, model if model_rules(provider, model) is not None else None)
+        types.update({name: rule["type"] for name, rule in known.items() if "type" in rule})
+    body: JSON = {}
+    problems: list[dict[str, str]] = []
+    for name, values in grouped.items():
+        kind = "string" if name in OWN_FIELDS - {"metadata"} else types.get(name, "string")
+        if kind == "array":
+            body[name] = values
+        elif len(values) > 1:
+            problems.append({"field": name, "message": "is given more than once"})
+        else:
+            body[name] = _typed(values[0], kind)
+    return body, problems
+
+
+def _typed(text: str, kind: str) -> Any:
+    if kind == "integer" and re.fullmatch(r"[+-]?[0-9]{1,18}", text.strip()):
+        return int(text)
+    if kind == "number":
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return number if math.isfinite(number) else text
+    if kind == "boolean":
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+    if kind in ("object", "array"):
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text
+        return value if _is(value, kind) else text
+    return text

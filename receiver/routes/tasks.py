@@ -13,7 +13,9 @@ from receiver.auth import KEY_ID_SCOPE
 from receiver.errors import InvalidParameters, InvalidRequest, NotFound, json_response
 from receiver.ids import new_id
 from receiver.providers import CALLBACK_DIALECTS
+from receiver.providers.base import Upload
 from receiver.routes import context, cursors, query_float, query_int, read_json_object
+from receiver.routes.forms import is_multipart, read_submission_form
 from receiver.store.base import TaskQuery
 from receiver.submission import submit
 from receiver.tasks import Task, cancel
@@ -28,8 +30,14 @@ async def create_task(request: Request) -> Response:
     key = request.headers.get("idempotency-key")
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
         raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters.")
-    body = await read_json_object(request)
-    task, created = await submit(ctx, body, idempotency_key=key, key_scope=request.scope.get(KEY_ID_SCOPE, ""))
+    uploads: list[Upload] = []
+    problems: list[dict[str, str]] = []
+    if is_multipart(request):  # the same fields, plus `image` / `image[]` reference files
+        body, uploads, problems = await read_submission_form(request, ctx.settings.max_upload_bytes)
+    else:
+        body = await read_json_object(request)
+    scope = request.scope.get(KEY_ID_SCOPE, "")
+    task, created = await submit(ctx, body, idempotency_key=key, key_scope=scope, uploads=uploads, problems=problems)
     return json_response(task.to_api(), 202 if created else 200)
 
 
