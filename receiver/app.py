@@ -20,13 +20,14 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from receiver import __version__
+from receiver import __version__, polling
 from receiver.assets import AssetStore
 from receiver.auth import ApiKeys, BearerAuth
 from receiver.clock import system_clock
 from receiver.config import Settings, ensure_secrets
 from receiver.context import Context
 from receiver.errors import EXCEPTION_HANDLERS
+from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
 from receiver.providers import Providers, signatures_for
@@ -107,12 +108,15 @@ def create_app(
                 app.state.ctx = ctx
                 workers = Workers(the_store.feed)
                 workers.add("expiry", lambda: expire_due_tasks(ctx), topic="expiry", idle=5.0)
+                jobs = JobRunner(ctx, {polling.KIND: polling.poll_once})  # polls of pulled providers
+                workers.add("jobs", jobs.step, topic="jobs", idle=1.0)
                 await workers.start()
                 log.info("receiver.started", version=__version__, database=the_store.__class__.__name__)
                 try:
                     yield
                 finally:
                     await workers.stop()
+                    await jobs.stop()
         finally:
             await the_store.close()
 

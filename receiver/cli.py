@@ -24,9 +24,12 @@ EPILOGS = {
     "  RECEIVER_DATABASE_URL='postgresql://receiver@db.internal/receiver?schema=prod' receiver migrate",
     "demo": "example:\n  receiver demo",
     "fake-provider": "example:\n  receiver fake-provider --port 9000 --delay 2 --fail-rate 0.1\n"
-    "  RECEIVER_XHUOAPI_URL=http://127.0.0.1:9000 receiver serve\n\n"
+    "  RECEIVER_XHUOAPI_URL=http://127.0.0.1:9000 RECEIVER_XENODIA_URL=http://127.0.0.1:9000 \\\n"
+    "    RECEIVER_ROUTER_URL=http://127.0.0.1:9000 receiver serve\n"
+    "  URL=$(receiver callback-url --provider kling)\n"
+    '  curl -s localhost:9000/_fake/callbacks/kling -d "{\\"callback_url\\": \\"$URL\\"}"\n\n'
     "Replicate and fal callbacks are signed as the real ones are; it prints the settings to verify them.",
-    "callback-url": "example:\n  receiver callback-url --provider auto",
+    "callback-url": "example:\n  receiver callback-url --provider kling",
     "submit": "example:\n  receiver submit --provider xhuoapi --model gpt-image-2 --prompt 'a red apple' "
     "--param size=1024x1024 --wait",
     "tasks": "example:\n  receiver tasks --state failed --limit 50",
@@ -84,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--delay", type=float, default=2.0, help="seconds before the callback is posted")
     fake.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail (0..1)")
     fake.add_argument("--duplicate-rate", type=float, default=0.0, help="share of callbacks posted twice (0..1)")
+    fake.add_argument(
+        "--out-of-order-rate",
+        type=float,
+        default=0.0,
+        help="share of tasks that get a late progress callback after their result (kling, apimart; 0..1)",
+    )
     fake.add_argument("--seed", type=int, default=None, help="seed the fault injection, for repeatable runs")
     fake.add_argument(
         "--replicate-secret",
@@ -99,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     mint = command("callback-url", run_callback_url, "Mint a task and print its signed callback URL.")
-    mint.add_argument("--provider", default="auto", help="callback dialect (default auto)")
+    mint.add_argument(
+        "--provider", default="auto", help="callback dialect: xhuoapi, kie, kling, apimart or auto (default)"
+    )
     mint.add_argument("--expires-in", type=int, default=None, help="seconds the URL stays valid")
     client_options(mint)
 
@@ -220,6 +231,7 @@ def run_fake_provider(args: argparse.Namespace) -> int:
         delay=args.delay,
         fail_rate=args.fail_rate,
         duplicate_rate=args.duplicate_rate,
+        out_of_order_rate=args.out_of_order_rate,
         seed=args.seed,
         replicate_secret=args.replicate_secret,
     )
@@ -227,10 +239,14 @@ def run_fake_provider(args: argparse.Namespace) -> int:
     print(
         f"fake provider on {base}; point the receiver at it with:\n"
         f"  RECEIVER_XHUOAPI_URL={base}\n"
+        f"  RECEIVER_XENODIA_URL={base}\n"
+        f"  RECEIVER_ROUTER_URL={base}\n"
         f"  RECEIVER_REPLICATE_URL={base}\n"
         f"  RECEIVER_REPLICATE_WEBHOOK_SECRET={fake.signed.replicate_secret}\n"
         f"  RECEIVER_FAL_URL={base}/fal\n"
-        f"  RECEIVER_FAL_JWKS_URL={base}/.well-known/jwks.json",
+        f"  RECEIVER_FAL_JWKS_URL={base}/.well-known/jwks.json\n"
+        f"kie, kling, apimart callbacks: POST {base}/_fake/callbacks/<dialect>"
+        ' {"callback_url": "<receiver callback-url --provider <dialect>>"}',
         file=sys.stderr,
     )
     uvicorn.Server(uvicorn_config(fake.app, host=args.host, port=args.port)).run()

@@ -16,17 +16,22 @@ from collections.abc import Mapping
 
 import orjson
 
+from receiver.assets import without_inline_images
 from receiver.context import Context
 from receiver.errors import InvalidPayload, NotFound
 from receiver.ids import new_id
 from receiver.logs import get_logger
 from receiver.providers import dialect_for
+from receiver.providers.base import Answer
 from receiver.providers.signatures import SignatureCheck
 from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback
-from receiver.tasks import Task
+from receiver.tasks import Report, Task
 from receiver.types import JSON
 
 log = get_logger("receiver.callbacks")
+
+#: Marks a callback-log entry the receiver fetched itself: "poll" or "sync-response".
+SOURCE_HEADER = "x-receiver-source"
 
 
 def verify_token(ctx: Context, token: str) -> str:
@@ -64,24 +69,53 @@ async def ingest(ctx: Context, task_id: str, body: bytes, headers: Mapping[str, 
     report = dialect.parse(payload)
     if signature is SignatureCheck.UNCHECKED:
         report = report.with_warning(ctx.signatures.warning(dialect.name))
+    kept = {k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS}
+    return await record(ctx, task.id, body, kept, report, signature=signature)
+
+
+async def record(
+    ctx: Context,
+    task_id: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    report: Report,
+    *,
+    signature: SignatureCheck | None = None,
+) -> Applied:
+    """Log `body` in the task's callback log and apply `report`, in one transaction.
+
+    Every result takes this path, pushed (a callback), pulled (a poll) or answered (a synchronous
+    call); inline images (`b64_json`) are moved to the asset store first, so a task never holds
+    image bytes. `headers` name the source (`x-receiver-source`) of what was not a callback;
+    `signature` is how a callback's provider signature was checked.
+    """
+    report = await ctx.assets.inline_images(report)
     callback = IncomingCallback(
         id=new_id("cb", ctx.clock),
-        task_id=task.id,
+        task_id=task_id,
         received_at=ctx.clock(),
         body=body,
-        headers={k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS},
+        headers=dict(headers),
         body_sha256=hashlib.sha256(body).hexdigest(),
         provider_signature=signature.value if signature is not None else None,
     )
     applied = await ctx.store.record_callback(callback, report)
     log.info(
         "callback.recorded",
-        task_id=task.id,
+        task_id=task_id,
         callback_id=callback.id,
         verdict=applied.verdict.value,
         reason=applied.transition.reason,
         state=applied.task.state.value,
         dialect=report.dialect,
         check=signature.value if signature is not None else None,
+        source=headers.get(SOURCE_HEADER, "callback"),
     )
     return applied
+
+
+def logged_body(answer: Answer) -> bytes:
+    """What the callback log keeps of an answer the receiver fetched: the body as received, but
+    inline images (`b64_json`) reduced to a note, since their bytes go to the asset store."""
+    stripped = without_inline_images(answer.payload)
+    return answer.body if stripped == answer.payload else orjson.dumps(stripped)

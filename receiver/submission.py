@@ -17,10 +17,11 @@ from receiver.context import Context
 from receiver.errors import Conflict, ProviderError, ProviderRefused
 from receiver.ids import new_id
 from receiver.logs import get_logger
+from receiver.polling import first_poll
 from receiver.providers.base import Upload
 from receiver.providers.catalog import ValidatedRequest, validate
 from receiver.store.base import IdempotencyKey, Subscription
-from receiver.tasks import Task, apply_report, record_refusal, record_submission
+from receiver.tasks import Task, Transition, apply_report, record_refusal, record_submission
 from receiver.types import JSON, TaskState
 
 log = get_logger("receiver.submission")
@@ -110,7 +111,14 @@ async def _send(ctx: Context, task: Task, uploads: Sequence[Upload]) -> Task:
         raise ProviderRefused(exc, applied.task.to_api()) from exc
     ctx.metrics.submissions.labels(task.provider, "accepted").inc()
     upstream = submission.upstream_task_id
-    applied = await ctx.store.transition(task.id, lambda t: record_submission(t, upstream, now=ctx.clock()))
+    poll_url = submission.poll_url if submission.report is None else None
+
+    def decide(current: Task) -> Transition:
+        now = ctx.clock()
+        jobs = (first_poll(ctx.settings, poll_url, now=now),) if poll_url else ()
+        return record_submission(current, upstream, now=now, jobs=jobs)
+
+    applied = await ctx.store.transition(task.id, decide)
     log.info("task.submitted", task_id=task.id, provider=task.provider, upstream_task_id=upstream)
     report = submission.report
     if report is not None:

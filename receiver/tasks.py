@@ -199,15 +199,24 @@ def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = Fa
     return Transition(task.replace(updated_at=now, **adopt) if adopt else None)
 
 
-def record_submission(task: Task, upstream_task_id: str | None, *, now: float) -> Transition:
-    """The provider accepted the task. A callback may already have moved it on."""
+def record_submission(
+    task: Task, upstream_task_id: str | None, *, now: float, jobs: Sequence[JobSpec] = ()
+) -> Transition:
+    """The provider accepted the task. A callback may already have moved it on.
+
+    `jobs` (e.g. the first poll) are scheduled with it, unless the task is already terminal.
+    """
     if task.upstream_task_id is None and upstream_task_id is not None:
         adopt = {"upstream_task_id": upstream_task_id}
     else:
         adopt = {}
     if task.state is TaskState.QUEUED:
-        return _moved(task, TaskState.SUBMITTED, now=now, **adopt)
-    return Transition(task.replace(updated_at=now, **adopt) if adopt else None)
+        return _moved(task, TaskState.SUBMITTED, now=now, **adopt).with_jobs(*jobs)
+    if task.terminal:
+        return Transition(task.replace(updated_at=now, **adopt) if adopt else None)
+    if adopt or jobs:
+        return Transition(task.replace(updated_at=now, **adopt), jobs=tuple(jobs))
+    return Transition(None)
 
 
 def record_refusal(task: Task, error: Mapping[str, Any], *, now: float) -> Transition:

@@ -191,9 +191,11 @@ async def running(tmp_path: Path, fake_provider: tuple[FakeProvider, str], datab
 @asynccontextmanager
 async def start_receiver(tmp_path: Path, *, provider_url: str = "http://127.0.0.1:9", clock: Clock | None = None,
                          **overrides: Any) -> AsyncIterator[Running]:
-    """The receiver on an ephemeral port, its public URL pointing at itself (`providers` adds to xhuoapi's)."""
+    """The receiver on an ephemeral port, its public URL pointing at itself: xhuoapi, xenodia and the
+    router at `provider_url` (`providers` adds to or replaces them)."""
     port = free_port()
-    providers = {"xhuoapi": ProviderSettings(url=provider_url, api_key=Secret("provider-key"))}
+    providers = {name: ProviderSettings(url=provider_url, api_key=Secret("provider-key"))
+                 for name in ("xhuoapi", "xenodia", "router")}
     providers.update(overrides.pop("providers", {}))
     settings = make_settings(tmp_path, public_url=f"http://127.0.0.1:{port}", providers=providers, **overrides)
     app = create_app(settings, clock=clock)

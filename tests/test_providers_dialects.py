@@ -3,11 +3,14 @@ through the real callback endpoint with URLs minted by POST /v1/callback-urls.""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import httpx
 import pytest
 
 from receiver.errors import InvalidPayload
+from receiver.fakes.provider import CALLBACK_SHAPES
 from receiver.providers import DIALECTS, detect, dialect_for
 from receiver.providers.dialects import ApimartDialect, KieDialect, KlingDialect
 from receiver.types import TaskState
@@ -213,3 +216,46 @@ async def test_a_dialect_refuses_another_dialects_payload(running: Running) -> N
     assert (await show(running, task["id"]))["state"] == "submitted"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("dialect", ["kie", "kling", "apimart", "xhuoapi"])
+async def test_the_fake_provider_posts_each_dialect(running: Running, fake_provider, dialect: str) -> None:
+    fake, fake_url = fake_provider
+    task, url = await mint(running, "auto")
+    async with httpx.AsyncClient() as client:
+        started = await client.post(f"{fake_url}/_fake/callbacks/{dialect}",
+                                    json={"callback_url": url, "duplicate": True, "out_of_order": True})
+    assert started.status_code == 200, started.text
+    done = (await running.api.get(f"/v1/tasks/{task['id']}", params={"wait": 10})).json()
+    assert done["state"] == "succeeded" and done["provider"] == dialect
+    assert done["result"]["images"][0]["url"].startswith(fake_url + "/images/")
+    expected = started.json()["callbacks"]
+    for _ in range(100):  # the duplicate and the late progress arrive just after the result
+        logged = (await running.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+        if len(logged) == expected:
+            break
+        await asyncio.sleep(0.02)
+    verdicts = [c["verdict"] for c in logged]
+    assert verdicts.count("duplicate") == 1
+    assert verdicts.count("ignored") == (1 if dialect in ("kling", "apimart") else 0)
+    assert all(c["status"] == 200 for c in fake.callbacks_sent)
+
+
+@pytest.mark.anyio
+async def test_the_fake_provider_fails_on_request(running: Running, fake_provider) -> None:
+    _, fake_url = fake_provider
+    task, url = await mint(running, "kling")
+    async with httpx.AsyncClient() as client:
+        await client.post(f"{fake_url}/_fake/callbacks/kling", json={"callback_url": url, "fail": True})
+    done = (await running.api.get(f"/v1/tasks/{task['id']}", params={"wait": 10})).json()
+    assert done["state"] == "failed" and "simulated" in done["error"]["message"]
+
+
+def test_fake_provider_shapes_are_what_the_dialects_read() -> None:
+    for name, shape in CALLBACK_SHAPES.items():
+        for failed in (False, True):
+            progress, result, late = shape("t-1", "http://fake", failed)
+            assert detect(result).name == name
+            assert detect(result).parse(result).state is (TaskState.FAILED if failed else TaskState.SUCCEEDED)
+            for p in [*progress, *([late] if late else [])]:
+                assert detect(p).parse(p).state in (TaskState.SUBMITTED, TaskState.RUNNING)
+            assert late is None or late not in progress  # a retry that changed, so not a duplicate

@@ -5,6 +5,7 @@ import pytest
 from receiver.errors import Conflict, TaskMismatch
 from receiver.tasks import (
     IllegalTransition,
+    JobSpec,
     Report,
     Task,
     advance,
@@ -175,3 +176,13 @@ def test_api_shape() -> None:
     assert shown["state"] == "submitted" and shown["created_at"].endswith("Z")
     assert set(shown) >= {"id", "provider", "model", "state", "upstream_task_id", "request", "result", "error",
                           "metadata", "sequence", "created_at", "updated_at", "completed_at"}
+
+
+def test_submission_schedules_its_jobs_unless_the_task_is_over() -> None:
+    poll = JobSpec("poll", NOW + 2, {"poll_url": "/v1/tasks/x"})
+    queued = record_submission(task(TaskState.QUEUED, upstream_task_id=None, sequence=1), "up-1", now=NOW, jobs=[poll])
+    assert queued.jobs == (poll,) and queued.task is not None and queued.task.state is TaskState.SUBMITTED
+    running = record_submission(task(TaskState.RUNNING), "up-1", now=NOW, jobs=[poll])
+    assert running.jobs == (poll,) and running.task is not None  # written, so the jobs are scheduled
+    cancelled = record_submission(task(TaskState.CANCELLED), "up-1", now=NOW, jobs=[poll])
+    assert cancelled.jobs == () and cancelled.task is None

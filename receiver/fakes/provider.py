@@ -1,22 +1,39 @@
 """A simulated image provider, for the demo, the tests and tunnel testing without credits.
 
-    fake = FakeProvider(delay=2.0, fail_rate=0.1, duplicate_rate=0.1)
+    fake = FakeProvider(delay=2.0, fail_rate=0.1, duplicate_rate=0.1, out_of_order_rate=0.1)
     app = fake.app                                   # serve it anywhere
 
-It speaks the xhuoapi dialect: it answers a submission at once with a
-`task_id`, then posts the result to the request's `callback_url` after
-`delay` seconds. Faults are injected at random (`fail_rate`,
-`duplicate_rate`) or on demand with markers in the prompt:
+It speaks every dialect the receiver knows:
+
+- xhuoapi  `POST /v1/openai/images/generations`: answers a `task_id` at once, posts the result to
+  the request's `callback_url` after `delay` seconds.
+- xenodia  `POST /v1/images/generations` with `async: true` (JSON or multipart with `image` files):
+  answers `202` with a task envelope; `GET /v1/tasks/{id}` then answers waiting -> running ->
+  succeeded (or failed) as time passes, one step per poll at most.
+- router   `POST /v1/images/generations` without `async`: answers `200 {"created", "data", "usage"}`
+  after `delay` seconds, images as `url`, or `b64_json` with `[b64]` in the prompt.
+- kie, kling, apimart (and xhuoapi): `POST /_fake/callbacks/{dialect}` with
+  `{"callback_url": "<a URL from receiver callback-url>", "prompt"?, "fail"?, "duplicate"?,
+  "out_of_order"?, "delay"?}` posts that dialect's progress and result callbacks to the URL
+  (apimart: to `<url>/callback`), as a task another service submitted would get them.
+
+Faults are injected at random (`fail_rate`, `duplicate_rate`, `out_of_order_rate`: a late progress
+callback after the result, for the dialects that have progress) or on demand with markers in the
+prompt:
 
     [refuse:402]   answer the submission with that HTTP error
-    [fail]         post a failure callback
-    [duplicate]    post the callback twice
-    [silent]       never call back
-    [early]        post the callback before answering the submission
+    [fail]         the task fails (failure callback, failed task, or an error answer)
+    [duplicate]    post the result callback twice
+    [out-of-order] post a progress callback after the result
+    [silent]       never call back (xenodia: the task stays waiting)
+    [early]        xhuoapi: post the callback before answering the submission
+    [flaky]        xenodia: the first polls answer 503, then garbage, then the task
+    [nested]       xenodia: a finished task carries `result.data` and says `completed`
+    [b64]          router: images as `b64_json`
 
-Everything it receives is listed at `GET /_fake/requests` (Authorization
-headers reduced to whether one was present), so a test can assert that a
-request was — or was not — sent upstream.
+Everything it receives is listed at `GET /_fake/requests` (Authorization headers reduced to
+whether one was present; uploaded files as name, type, size and sha256; their bytes are in
+`fake.files` for in-process tests), so a test can assert that a request was, or was not, sent.
 
 It also plays Replicate and fal, signing their callbacks as they do
 (`receiver.fakes.signed`): `replicate_secret` is the Standard Webhooks
@@ -28,6 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import hashlib
 import random
 import re
 import time
@@ -39,6 +58,7 @@ from typing import Any
 import httpx
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -66,6 +86,7 @@ class FakeProvider:
         delay: float = 2.0,
         fail_rate: float = 0.0,
         duplicate_rate: float = 0.0,
+        out_of_order_rate: float = 0.0,
         seed: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         replicate_secret: str | None = None,
@@ -73,9 +94,12 @@ class FakeProvider:
         self.delay = delay
         self.fail_rate = fail_rate
         self.duplicate_rate = duplicate_rate
+        self.out_of_order_rate = out_of_order_rate
         self.random = random.Random(seed)
         self.requests: list[dict[str, Any]] = []
+        self.files: list[dict[str, Any]] = []  # uploaded files, with their bytes
         self.callbacks_sent: list[dict[str, Any]] = []
+        self.tasks: dict[str, dict[str, Any]] = {}  # xenodia tasks
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -83,6 +107,9 @@ class FakeProvider:
         self.app = Starlette(
             routes=[
                 Route("/v1/openai/images/generations", self.xhuoapi_submit, methods=["POST"]),
+                Route("/v1/images/generations", self.images_generations, methods=["POST"]),
+                Route("/v1/tasks/{task_id}", self.xenodia_task, methods=["GET"]),
+                Route("/_fake/callbacks/{dialect}", self.simulate_callbacks, methods=["POST"]),
                 Route("/images/{name}", self.image, methods=["GET"]),
                 Route("/_fake/requests", self.list_requests, methods=["GET"]),
                 Route("/_fake/reset", self.reset, methods=["POST"]),
@@ -106,17 +133,41 @@ class FakeProvider:
     # --- bookkeeping ------------------------------------------------------------
     async def _record(self, request: Request) -> Any:
         body = await request.body()
-        try:
-            parsed: Any = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed: Any = None
+        form: dict[str, Any] | None = None
+        files: list[dict[str, Any]] = []
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = {}
+            async with request.form() as data:
+                for name, value in data.multi_items():
+                    if isinstance(value, UploadFile):
+                        content = await value.read()
+                        described = {
+                            "field": name,
+                            "filename": value.filename,
+                            "content_type": value.content_type,
+                            "size": len(content),
+                            "sha256": hashlib.sha256(content).hexdigest(),
+                        }
+                        files.append(described)
+                        self.files.append({**described, "data": content})
+                    else:
+                        form.setdefault(name, []).append(value)
+            parsed = {name: values[0] if len(values) == 1 else values for name, values in form.items()}
+        else:
+            try:
+                parsed = orjson.loads(body) if body else None
+            except orjson.JSONDecodeError:
+                parsed = None
         entry = {
             "method": request.method,
             "path": request.url.path,
             "query": str(request.url.query),
             "authorized": "authorization" in request.headers,
             "content_type": request.headers.get("content-type"),
-            "json": parsed,
+            "json": None if form is not None else parsed,
+            "form": form,
+            "files": files,
             "size": len(body),
             "at": time.time(),
         }
@@ -128,7 +179,9 @@ class FakeProvider:
 
     async def reset(self, request: Request) -> Response:
         self.requests.clear()
+        self.files.clear()
         self.callbacks_sent.clear()
+        self.tasks.clear()
         return _json({"ok": True})
 
     async def image(self, request: Request) -> Response:
@@ -204,3 +257,179 @@ class FakeProvider:
             "trace_id": trace,
             "data": {"created": int(time.time()), "data": [image]},
         }
+
+    def _refusal(self, prompt: str) -> Response | None:
+        refuse = _REFUSE.search(prompt)
+        if not refuse:
+            return None
+        status = int(refuse.group(1))
+        error = {"code": f"http_{status}", "message": f"refused with {status} as the prompt asked"}
+        return _json({"error": error}, status)
+
+    # --- xenodia (async: true) and router (synchronous) ---------------------------
+    async def images_generations(self, request: Request) -> Response:
+        body = await self._record(request)
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body.get("model"):
+            return _json({"error": {"code": "invalid_request", "message": "model and prompt are required"}}, 400)
+        refused = self._refusal(body["prompt"])
+        if refused is not None:
+            return refused
+        if body.get("async") in (True, "true"):
+            return self.xenodia_accept(body)
+        return await self.router_answer(request, body)
+
+    def xenodia_accept(self, body: dict[str, Any]) -> Response:
+        task_id = f"task_{uuid.uuid4().hex[:16]}"
+        prompt: str = body["prompt"]
+        self.tasks[task_id] = {
+            "model": body["model"],
+            "prompt": prompt,
+            "created": time.monotonic(),
+            "stage": 0,
+            "polls": 0,
+            "failed": "[fail]" in prompt or self._roll(self.fail_rate),
+        }
+        envelope = {
+            "task_id": task_id,
+            "object": "task",
+            "model": body["model"],
+            "type": "image",
+            "state": "waiting",
+            "created_at": int(time.time()),
+            "poll_url": f"/v1/tasks/{task_id}",
+        }
+        return _json(envelope, 202)
+
+    async def xenodia_task(self, request: Request) -> Response:
+        await self._record(request)
+        task = self.tasks.get(request.path_params["task_id"])
+        if task is None:
+            return _json({"error": {"code": "not_found", "message": "no such task"}}, 404)
+        task["polls"] += 1
+        prompt: str = task["prompt"]
+        if "[flaky]" in prompt and task["polls"] <= 2:
+            if task["polls"] == 1:
+                return _json({"error": {"code": "unavailable", "message": "try again"}}, 503)
+            return Response(b"<html>bad gateway</html>", media_type="text/html")
+        if "[silent]" not in prompt:
+            elapsed = time.monotonic() - task["created"]
+            by_time = 0 if elapsed < self.delay / 3 else 1 if elapsed < self.delay else 2
+            task["stage"] = min(task["stage"] + 1, by_time)  # one step per poll at most, never back
+        nested = "[nested]" in prompt
+        states = ("waiting", "processing" if nested else "running", "completed" if nested else "succeeded")
+        task_id = request.path_params["task_id"]
+        answer: dict[str, Any] = {"task_id": task_id, "object": "task", "model": task["model"], "type": "image"}
+        if task["stage"] < 2:
+            return _json({**answer, "state": states[task["stage"]], "progress": task["stage"] * 50})
+        if task["failed"]:
+            error = {"code": "generation_failed", "message": "The simulated provider failed this task."}
+            return _json({**answer, "state": "failed", "error": error})
+        images = [{"url": f"{str(request.base_url).rstrip('/')}/images/{task_id}_0.png"}]
+        if nested:
+            return _json({**answer, "state": states[2], "result": {"data": images}})
+        return _json({**answer, "state": states[2], "data": images, "progress": 100})
+
+    async def router_answer(self, request: Request, body: dict[str, Any]) -> Response:
+        prompt: str = body["prompt"]
+        await _pause(request, self.delay)  # a synchronous router takes its time
+        if "[fail]" in prompt or self._roll(self.fail_rate):
+            error = {"code": "generation_failed", "message": "The simulated provider failed this task."}
+            return _json({"error": error}, 502)
+        count = body["n"] if isinstance(body.get("n"), int) else 1
+        base = str(request.base_url).rstrip("/")
+        if "[b64]" in prompt:
+            data = [{"b64_json": base64.b64encode(PNG).decode()} for _ in range(count)]
+        else:
+            data = [{"url": f"{base}/images/{uuid.uuid4().hex}_{i}.png"} for i in range(count)]
+        return _json({"created": int(time.time()), "data": data, "usage": {"images": count, "cost": 0}})
+
+    # --- callbacks of tasks another service submitted ----------------------------------
+    async def simulate_callbacks(self, request: Request) -> Response:
+        """Post one task's callbacks in `dialect` to a callback URL minted by the receiver."""
+        body = await self._record(request)
+        dialect = request.path_params["dialect"]
+        if dialect not in CALLBACK_SHAPES:
+            error = {"code": "unknown_dialect", "message": f"dialects: {', '.join(CALLBACK_SHAPES)}"}
+            return _json({"error": error}, 404)
+        if not isinstance(body, dict) or not isinstance(body.get("callback_url"), str):
+            return _json({"error": {"code": "invalid_request", "message": "callback_url is required"}}, 400)
+        prompt = str(body.get("prompt", ""))
+        failed = body.get("fail") is True or "[fail]" in prompt or self._roll(self.fail_rate)
+        duplicate = body.get("duplicate") is True or "[duplicate]" in prompt or self._roll(self.duplicate_rate)
+        late = body.get("out_of_order") is True or "[out-of-order]" in prompt or self._roll(self.out_of_order_rate)
+        delay = float(body["delay"]) if isinstance(body.get("delay"), (int, float)) else self.delay
+        task_id = str(uuid.uuid4())
+        target = body["callback_url"] + ("/callback" if dialect == "apimart" else "")
+        progress, result, stale = CALLBACK_SHAPES[dialect](task_id, str(request.base_url).rstrip("/"), failed)
+        plan = [*progress, result, *([result] if duplicate else []), *([stale] if late and stale else [])]
+        step = delay / (len(progress) + 1)
+
+        async def deliver() -> None:
+            for index, payload in enumerate(plan):
+                if index <= len(progress):
+                    await asyncio.sleep(step)
+                await self.post_callback(target, payload)
+
+        self.later(0, deliver)
+        return _json({"task_id": task_id, "dialect": dialect, "callbacks": len(plan)})
+
+
+async def _pause(request: Request, seconds: float) -> None:
+    """Wait `seconds`, or less if the client hangs up (as a caller that timed out does)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+
+Payload = dict[str, Any]
+
+
+Shape = tuple[list[Payload], Payload, Payload | None]  # progress callbacks, the result, a late progress
+
+
+def _kie(task_id: str, base: str, failed: bool) -> Shape:
+    if failed:
+        return [], {"code": 501, "msg": "The simulated provider failed this task.", "data": {"taskId": task_id}}, None
+    info = {"resultImageUrl": f"{base}/images/{task_id}_0.png", "originImageUrl": f"{base}/images/{task_id}_o.png"}
+    return [], {"code": 200, "msg": "success", "data": {"taskId": task_id, "info": info}}, None
+
+
+def _kling(task_id: str, base: str, failed: bool) -> Shape:
+    now = int(time.time() * 1000)
+
+    def status(name: str, **extra: Any) -> Payload:
+        updated = int(time.time() * 1000)
+        return {
+            "task_id": task_id,
+            "task_status": name,
+            "task_status_msg": "",
+            "created_at": now,
+            "updated_at": updated,
+            **extra,
+        }
+
+    progress = [status("submitted"), status("processing")]
+    late = {**status("processing"), "updated_at": now + 1}  # a retry of "processing", sent after the result
+    if failed:
+        return progress, status("failed", task_status_msg="The simulated provider failed this task."), late
+    images = [{"index": 0, "url": f"{base}/images/{task_id}_0.png"}]
+    return progress, status("succeed", task_result={"images": images}), late
+
+
+def _apimart(task_id: str, base: str, failed: bool) -> Shape:
+    progress: list[Payload] = [{"id": task_id, "status": "processing", "progress": 50}]
+    late = {"id": task_id, "status": "processing", "progress": 90}
+    if failed:
+        error = {"code": "generation_failed", "message": "The simulated provider failed this task."}
+        return progress, {"id": task_id, "status": "failed", "progress": 100, "error": error}, late
+    image = {"url": [f"{base}/images/{task_id}_0.png"], "expires_at": int(time.time()) + 86400}
+    return progress, {"id": task_id, "status": "completed", "progress": 100, "result": {"images": [image]}}, late
+
+
+def _xhuoapi(task_id: str, base: str, failed: bool) -> Shape:
+    return [], FakeProvider.xhuoapi_result(task_id, "a simulated task", base, failed=failed), None
+
+
+#: Each dialect's (progress callbacks, result callback) for one task.
+CALLBACK_SHAPES = {"xhuoapi": _xhuoapi, "kie": _kie, "kling": _kling, "apimart": _apimart}

@@ -14,12 +14,13 @@ import httpx
 
 from receiver.config import Settings
 from receiver.errors import InvalidPayload
-from receiver.providers.base import Dialect, Provider
+from receiver.providers.base import Dialect, Poller, Provider, SyncProvider
 from receiver.providers.dialects import ApimartDialect, KieDialect, KlingDialect
 from receiver.providers.fal import FalDialect, FalProvider, FalSignature
 from receiver.providers.jwks import KeySet
 from receiver.providers.replicate import ReplicateDialect, ReplicateProvider, ReplicateSignature
 from receiver.providers.signatures import ProviderSignatures
+from receiver.providers.xenodia import XenodiaProvider
 from receiver.providers.xhuoapi import XhuoapiDialect, XhuoapiProvider
 from receiver.types import JSON, Clock
 
@@ -33,12 +34,13 @@ DIALECTS: dict[str, Dialect] = {
     "apimart": ApimartDialect(),
 }
 
-ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
+ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider | SyncProvider]
 
 PROVIDERS: dict[str, ProviderFactory] = {
     "xhuoapi": lambda s, c: XhuoapiProvider(s.provider("xhuoapi"), c, timeout=s.provider_timeout),
     "replicate": lambda s, c: ReplicateProvider(s.provider("replicate"), c, timeout=s.provider_timeout),
     "fal": lambda s, c: FalProvider(s.provider("fal"), c, timeout=s.provider_timeout),
+    "xenodia": lambda s, c: XenodiaProvider(s.provider("xenodia"), c, timeout=s.provider_timeout),
 }
 
 #: Dialects a task minted by POST /v1/callback-urls may name.
@@ -52,7 +54,24 @@ class Providers:
         self._built = {name: factory(settings, client) for name, factory in PROVIDERS.items()}
 
     def get(self, name: str) -> Provider:
-        return self._built[name]
+        """The provider tasks of `name` are submitted to (not a SyncProvider: see `sync`)."""
+        provider = self._built[name]
+        if isinstance(provider, SyncProvider):
+            raise TypeError(f"{name} is called by a background job, not submitted")
+        return provider
+
+    def sync(self, name: str) -> SyncProvider | None:
+        """The provider if it answers synchronously (called from a background job), else None."""
+        provider = self._built.get(name)
+        return provider if isinstance(provider, SyncProvider) else None
+
+    def poller(self, name: str) -> Poller | None:
+        """The provider if its results are pulled by polling, else None."""
+        provider = self._built.get(name)
+        return provider if isinstance(provider, Poller) else None
+
+    def names(self) -> list[str]:
+        return list(self._built)
 
     def __contains__(self, name: object) -> bool:
         return name in self._built

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 import orjson
@@ -53,6 +53,41 @@ class Provider(Protocol):
 
     async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
         """Send `task` upstream; raise ProviderError if it is refused or unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream answer read in the background (a poll, a synchronous call), as the callback log keeps it."""
+
+    body: bytes
+    payload: JSON
+    content_type: str | None = None
+
+
+@runtime_checkable
+class Poller(Protocol):
+    """A provider whose results are pulled: the receiver polls `Submission.poll_url` (receiver/polling.py)."""
+
+    name: str
+
+    async def poll(self, poll_url: str) -> tuple[Answer, Report]:
+        """Read the task at `poll_url`. ProviderError if the poll failed (unreachable, an error status,
+        not JSON) and InvalidPayload if the task object is unreadable: either way it is tried again later."""
+
+
+@runtime_checkable
+class SyncProvider(Protocol):
+    """A provider whose answer is the HTTP response itself, which may take minutes: the receiver
+    calls it from a background job of kind `name` (receiver/sync_calls.py), never while a client waits."""
+
+    name: str
+    dialect: str
+
+    async def generate(self, task: Task, *, timeout: float) -> Answer:
+        """Make the call; ProviderError if it is refused, times out or answers garbage."""
+
+    def read(self, payload: JSON) -> Report:
+        """The report in a successful answer (images may be inline `b64_json`); InvalidPayload if unreadable."""
 
 
 class Dialect(Protocol):

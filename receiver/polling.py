@@ -1,0 +1,86 @@
+"""Polling a provider's task until it is terminal (Xenodia), with a growing delay.
+
+    spec = first_poll(settings, poll_url, now=now)   # scheduled with the submission's recording
+    outcome = await poll_once(ctx, job)             # the "poll" job's handler
+
+The schedule is the job row (`run_at`, and `delay` in its payload), so a
+restart resumes polling where it stopped. The delay starts at
+RECEIVER_POLL_INTERVAL and grows by half (x1.5) per poll up to RECEIVER_POLL_MAX_INTERVAL.
+A poll that fails (5xx, a timeout, garbage) is logged and tried again later:
+it never fails the task by itself. Polling stops at the task's deadline, where
+expiry takes over.
+
+An answer is recorded (callback log + state, as a callback would be) only when
+its state differs from the last one recorded, so a task that waits for an hour
+does not fill its log with identical "waiting" answers.
+"""
+
+from __future__ import annotations
+
+from receiver.config import Settings
+from receiver.context import Context
+from receiver.errors import InvalidPayload, ProviderError, TaskMismatch
+from receiver.ingest import SOURCE_HEADER, logged_body, record
+from receiver.jobs import DONE, Outcome, again
+from receiver.logs import get_logger
+from receiver.store.base import Job
+from receiver.tasks import JobSpec
+from receiver.types import TaskState
+
+log = get_logger("receiver.polling")
+
+KIND = "poll"
+GROWTH = 1.5
+
+
+def first_poll(settings: Settings, poll_url: str, *, now: float) -> JobSpec:
+    """The first poll of a task just accepted, one interval from now."""
+    payload = {"poll_url": poll_url, "delay": settings.poll_interval, "reported": TaskState.SUBMITTED.value}
+    return JobSpec(KIND, now + settings.poll_interval, payload)
+
+
+def next_delay(delay: float, settings: Settings) -> float:
+    return min(max(delay, settings.poll_interval) * GROWTH, settings.poll_max_interval)
+
+
+async def poll_once(ctx: Context, job: Job) -> Outcome:
+    task = await ctx.store.get_task(job.task_id)
+    if task is None or task.terminal:
+        return DONE
+    if ctx.clock() >= task.expires_at:
+        log.info("poll.stopped", task_id=task.id, reason="past the task's deadline; expiry takes over")
+        return DONE
+    poller = ctx.providers.poller(task.provider)
+    poll_url = job.payload.get("poll_url")
+    if poller is None or not isinstance(poll_url, str):
+        log.warning("poll.stopped", task_id=task.id, provider=task.provider, reason="nothing to poll")
+        return DONE
+    delay = next_delay(float(job.payload.get("delay", ctx.settings.poll_interval)), ctx.settings)
+    payload = {**job.payload, "delay": delay}
+    attempt = job.attempts + 1
+    try:
+        answer, report = await poller.poll(poll_url)
+    except (ProviderError, InvalidPayload) as exc:
+        log.warning(
+            "poll.failed",
+            task_id=task.id,
+            provider=task.provider,
+            attempt=attempt,
+            code=exc.code,
+            status=getattr(exc, "status_code", None),
+            error=str(exc)[:300],
+            retry_in=round(delay, 3),
+        )
+        return again(ctx.clock() + delay, {**payload, "failures": int(payload.get("failures", 0)) + 1})
+    log.info("poll.answered", task_id=task.id, provider=task.provider, attempt=attempt, state=report.state.value)
+    if report.state.value != job.payload.get("reported"):
+        headers = {"content-type": answer.content_type or "application/json", SOURCE_HEADER: "poll"}
+        try:
+            applied = await record(ctx, task.id, logged_body(answer), headers, report)
+        except (TaskMismatch, InvalidPayload) as exc:
+            log.warning("poll.unusable", task_id=task.id, provider=task.provider, error=str(exc)[:300])
+            return again(ctx.clock() + delay, payload)
+        if applied.task.terminal:
+            return DONE
+        payload["reported"] = report.state.value
+    return again(ctx.clock() + delay, payload)
