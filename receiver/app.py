@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from receiver import __version__, polling
+from receiver import __version__, polling, sync_calls
 from receiver.assets import AssetStore
 from receiver.auth import ApiKeys, BearerAuth
 from receiver.clock import system_clock
@@ -108,7 +108,9 @@ def create_app(
                 app.state.ctx = ctx
                 workers = Workers(the_store.feed)
                 workers.add("expiry", lambda: expire_due_tasks(ctx), topic="expiry", idle=5.0)
-                jobs = JobRunner(ctx, {polling.KIND: polling.poll_once})  # polls of pulled providers
+                # Polls, and calls to synchronous providers (one job kind per provider).
+                calls = {name: sync_calls.call_once for name in ctx.providers.names() if ctx.providers.sync(name)}
+                jobs = JobRunner(ctx, {polling.KIND: polling.poll_once, **calls})
                 workers.add("jobs", jobs.step, topic="jobs", idle=1.0)
                 await workers.start()
                 log.info("receiver.started", version=__version__, database=the_store.__class__.__name__)

@@ -21,8 +21,9 @@ from receiver.polling import first_poll
 from receiver.providers.base import Upload
 from receiver.providers.catalog import ValidatedRequest, validate
 from receiver.store.base import IdempotencyKey, Subscription
+from receiver.sync_calls import first_call
 from receiver.tasks import Task, Transition, apply_report, record_refusal, record_submission
-from receiver.types import JSON, TaskState
+from receiver.types import JSON, EventType, TaskState
 
 log = get_logger("receiver.submission")
 
@@ -35,13 +36,13 @@ def fingerprint(body: JSON, uploads: Sequence[Upload] = ()) -> str:
     return digest.hexdigest()
 
 
-def new_task(ctx: Context, request: ValidatedRequest) -> Task:
+def new_task(ctx: Context, request: ValidatedRequest, state: TaskState = TaskState.QUEUED) -> Task:
     now = ctx.clock()
     return Task(
         id=new_id("tsk", ctx.clock),
         provider=request.provider,
         model=request.model,
-        state=TaskState.QUEUED,
+        state=state,
         request=request.request(),
         metadata=request.metadata,
         notify_url=request.notify_url,
@@ -78,14 +79,23 @@ async def submit(
     uploads: Sequence[Upload] = (),
     problems: Sequence[Mapping[str, str]] = (),
 ) -> tuple[Task, bool]:
-    """Submit a task; returns (task, created). Raises InvalidParameters, Conflict, ProviderRefused."""
+    """Submit a task; returns (task, created). Raises InvalidParameters, Conflict, ProviderRefused.
+
+    A synchronous provider (the router) is not called here: its task is created `submitted`
+    together with the background job that makes the call (receiver/sync_calls.py).
+    """
     request = validate(body, uploads, problems=problems)
-    task = new_task(ctx, request)
+    background = ctx.providers.sync(request.provider) is not None
+    task = new_task(ctx, request, TaskState.SUBMITTED if background else TaskState.QUEUED)
     idempotency = None
     if idempotency_key is not None:
         idempotency = IdempotencyKey(f"{key_scope}:{idempotency_key}", fingerprint(body, uploads))
     created = await ctx.store.create_task(
-        task, idempotency=idempotency, notify_subscription=notify_subscription(ctx, task)
+        task,
+        idempotency=idempotency,
+        notify_subscription=notify_subscription(ctx, task),
+        jobs=(first_call(task),) if background else (),
+        events=(EventType.SUBMITTED,) if background else (),
     )
     if not created.created:
         if not created.same_request:
@@ -95,6 +105,9 @@ async def submit(
                 details={"task_id": created.task.id},
             )
         return await _settled(ctx, created.task), False
+    if background:
+        log.info("task.submitted", task_id=task.id, provider=task.provider, mode="background call")
+        return created.task, True
     # The upstream call and its recording finish even if the client goes away.
     return await asyncio.shield(_send(ctx, task, request.uploads)), True
 

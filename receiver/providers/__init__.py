@@ -19,6 +19,7 @@ from receiver.providers.dialects import ApimartDialect, KieDialect, KlingDialect
 from receiver.providers.fal import FalDialect, FalProvider, FalSignature
 from receiver.providers.jwks import KeySet
 from receiver.providers.replicate import ReplicateDialect, ReplicateProvider, ReplicateSignature
+from receiver.providers.router import RouterProvider
 from receiver.providers.signatures import ProviderSignatures
 from receiver.providers.xenodia import XenodiaProvider
 from receiver.providers.xhuoapi import XhuoapiDialect, XhuoapiProvider
@@ -41,6 +42,7 @@ PROVIDERS: dict[str, ProviderFactory] = {
     "replicate": lambda s, c: ReplicateProvider(s.provider("replicate"), c, timeout=s.provider_timeout),
     "fal": lambda s, c: FalProvider(s.provider("fal"), c, timeout=s.provider_timeout),
     "xenodia": lambda s, c: XenodiaProvider(s.provider("xenodia"), c, timeout=s.provider_timeout),
+    "router": lambda s, c: RouterProvider(s.provider("router"), c),
 }
 
 #: Dialects a task minted by POST /v1/callback-urls may name.
