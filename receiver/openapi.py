@@ -146,6 +146,23 @@ SCHEMAS: JSON = {
             "reason": NULLABLE_STRING,
         },
     },
+    "SubmitForm": {
+        "type": "object",
+        "required": ["provider", "model", "prompt"],
+        "properties": {
+            "provider": {"type": "string", "examples": ["xenodia"]},
+            "model": {"type": "string", "examples": ["nano-banana-pro"]},
+            "prompt": {"type": "string", "minLength": 1},
+            "notify_url": {"type": "string", "format": "uri"},
+            "metadata": {"type": "string", "description": "A JSON object, as text."},
+            "image_input": {"type": "array", "items": {"type": "string", "format": "uri"}},
+            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        },
+        "additionalProperties": {"type": "string"},
+        "description": "The JSON fields as form fields (numbers and booleans typed by the model catalog), "
+        "repeated `image_input` URLs, and `image` / `image[]` reference files (JPEG, PNG or WebP, "
+        "at most 31,457,280 bytes each).",
+    },
     "CallbackUrlRequest": {
         "type": "object",
         "properties": {
@@ -177,11 +194,19 @@ PATHS: JSON = {
                     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                 }
             ],
-            "requestBody": json_body(ref("SubmitRequest")),
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": ref("SubmitRequest")},
+                    "multipart/form-data": {"schema": ref("SubmitForm")},
+                },
+            },
             "responses": {
-                "202": answer("Accepted by the provider", ref("Task")),
+                "202": answer(
+                    "Accepted by the provider (or, for a synchronous provider, queued for the call)", ref("Task")
+                ),
                 "200": answer("An idempotent retry: the task the key already names", ref("Task")),
-                **errors(400, 401, 409, 502),
+                **errors(400, 401, 409, 413, 502),
             },
         },
         "get": {
@@ -259,6 +284,18 @@ PATHS: JSON = {
             "parameters": [path_param("token", "The signed token from the callback URL.")],
             "requestBody": json_body({"type": "object"}),
             "responses": {"200": answer("Stored", ref("CallbackAck")), **errors(400, 403, 404, 409, 410, 413, 503)},
+        }
+    },
+    "/assets/{token}": {
+        "get": {
+            "summary": "An image the receiver stored (authorised by the signed URL alone; cached for good)",
+            "operationId": "getAsset",
+            "parameters": [path_param("token", "The signed token from the asset URL.")],
+            "responses": {
+                "200": {"description": "The image", "content": {"image/*": {}}},
+                "304": {"description": "Not modified (If-None-Match)"},
+                **errors(403, 404, 410),
+            },
         }
     },
     "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz", "responses": {"200": answer("Running")}}},
