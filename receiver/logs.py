@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 
 _SECRET_FIELD = re.compile(r"(secret|token|key|password|authorization|signature)", re.IGNORECASE)
-_CALLBACK_PATH = re.compile(r"/callbacks/[^/?\s\"']+")
+_SIGNED_PATH = re.compile(r"/(callbacks|assets)/[^/?\s\"']+")  # the token is the credential
 _SIGNED_QUERY = re.compile(r"([?&](?:sig|signature|token|fal_webhook)=)[^&\s\"']+", re.IGNORECASE)
 
 
 def redact_path(text: str) -> str:
-    """Strip callback tokens and signatures from a path or URL."""
-    text = _CALLBACK_PATH.sub("/callbacks/[redacted]", text)
+    """Strip callback and asset tokens and signatures from a path or URL."""
+    text = _SIGNED_PATH.sub(r"/\1/[redacted]", text)
     return _SIGNED_QUERY.sub(r"\1[redacted]", text)
 
 

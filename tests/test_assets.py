@@ -11,6 +11,7 @@ from receiver.assets import Asset, AssetStore, decode_inline, sniff, without_inl
 from receiver.clock import FakeClock
 from receiver.errors import CallbackExpired, InvalidPayload, InvalidSignature, NotFound
 from receiver.fakes.provider import PNG
+from receiver.logs import redact_path
 from receiver.signing import AssetSigner, CallbackSigner
 from receiver.tasks import Report
 from receiver.types import TaskState
@@ -102,8 +103,14 @@ async def test_inline_images_become_asset_urls(tmp_path: Path) -> None:
         "data": [{"b64_json": f"[{len(encoded)} base64 characters, stored as an asset]"}], "n": 1}
 
 
+def test_asset_tokens_never_reach_the_logs() -> None:
+    assert redact_path("/assets/.eJwNwUEOg.awE5kQ.xp5LGN") == "/assets/[redacted]"
+    assert redact_path("see http://r/assets/abc.def?x=1") == "see http://r/assets/[redacted]?x=1"
+    assert redact_path("/callbacks/tok/callback") == "/callbacks/[redacted]/callback"
+
+
 @pytest.mark.anyio
-async def test_assets_are_served_with_their_type_and_cached(running: Running) -> None:
+async def test_assets_are_served_with_their_type_and_cached(running: Running, logs) -> None:
     assets = running.ctx.assets
     url = assets.url(await assets.put(PNG))
     async with httpx.AsyncClient() as anonymous:  # the signed URL is the only credential
@@ -121,3 +128,5 @@ async def test_assets_are_served_with_their_type_and_cached(running: Running) ->
         token = AssetSigner([str(k) for k in running.settings.secret_keys]).mint("f" * 64 + ".png", max_age=60)
         missing = await anonymous.get(f"{running.url}/assets/{token}")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "asset_not_found"
+    paths = {event["path"] for event in logs.events("http.request")}
+    assert paths == {"/assets/[redacted]"}
