@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ClientError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
+        error = exc.body.get("error") if isinstance(exc.body, dict) else None
+        for field in ((error or {}).get("details") or {}).get("fields") or []:
+            print(f"  {field.get('field')}: {field.get('message')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
