@@ -94,7 +94,9 @@ class JobRunner:
             log.error(
                 "worker.failed", worker=f"jobs:{job.kind}", task_id=job.task_id, error=repr(exc)[:500], exc_info=True
             )
-            outcome = again(self.ctx.clock() + _AFTER_CRASH, job.payload)
+            # The payload stays as stored: the handler may have updated it before failing (a
+            # synchronous call marks itself `calling`), and that mark must not be undone.
+            outcome = Outcome(self.ctx.clock() + _AFTER_CRASH)
         try:
             await self.ctx.store.finish_job(job.id, reschedule_at=outcome.run_at, payload=outcome.payload)
         finally:

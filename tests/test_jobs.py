@@ -89,13 +89,19 @@ async def test_a_crashing_handler_keeps_its_job(tmp_path: Path, logs) -> None:
             crashed.set()
             raise RuntimeError("a bug")
 
-        task = await new_task(ctx, JobSpec("t-boom", time.time() - 1, {"keep": True}))
-        runner = JobRunner(ctx, {"t-boom": boom})
+        async def boom_after_marking(ctx: Context, job: Job) -> Outcome:
+            await ctx.store.finish_job(job.id, reschedule_at=time.time() + 600, payload={"phase": "calling"})
+            return await boom(ctx, job)
+
+        task = await new_task(ctx, JobSpec("t-boom", time.time() - 1, {"phase": "pending"}))
+        runner = JobRunner(ctx, {"t-boom": boom_after_marking})
         await runner.step()
         await asyncio.wait_for(crashed.wait(), 5)
         await runner.stop()
         due = await ctx.store.next_job_due(["t-boom"])
         assert due is not None and due > time.time() + 20  # tried again later, not lost
+        [job] = await ctx.store.claim_jobs(["t-boom"], now=due, limit=1, owner="probe", lease_seconds=1)
+        assert job.payload == {"phase": "calling"}  # what the handler stored survives its crash
         [failure] = logs.events("worker.failed")
         assert failure["worker"] == "jobs:t-boom" and failure["task_id"] == task.id
         logs.records.clear()  # the crash was the point of this test
