@@ -120,6 +120,7 @@ async def test_the_poll_url_never_leaves_the_provider(poll_url: str | None, expe
         pytest.param(httpx.Response(402, json={"error": {"code": "billing", "message": "top up"}}),
                      "upstream_billing", id="402"),
         pytest.param(httpx.Response(202, json={"object": "task"}), "upstream_garbled", id="no-task-id"),
+        pytest.param(httpx.Response(202, json={"task_id": True}), "upstream_garbled", id="task-id-boolean"),
         pytest.param(httpx.Response(202, content=b"<html>"), "upstream_garbled", id="not-json"),
     ],
 )

@@ -12,6 +12,7 @@ Rules are data, checked before any upstream call. The file's shape:
         "params": {"<name>": {param rule} | "<type>"},     the parameters it takes
         "passthrough": true,                                any other parameter goes through as is
         "uploads": ["image", "image[]"],                    multipart file fields it takes (default: none)
+        "reference_limits": {"mime_types", "max_bytes"},    overrides the file-wide "references" limits
         "references": ["image_input"],                      parameters whose items are reference images
         "max_references": N, "rules": [rule, …]}}}         as in a model, for every model
 

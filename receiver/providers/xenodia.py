@@ -126,7 +126,9 @@ class XenodiaProvider:
             **body,
         )
         answer = json_object(response, self.name)
-        upstream = optional_str(answer, "task_id") if isinstance(answer.get("task_id"), (str, int)) else None
+        task_id = answer.get("task_id")
+        valid = isinstance(task_id, (str, int)) and not isinstance(task_id, bool) and task_id != ""
+        upstream = str(task_id) if valid else None
         if isinstance(answer.get("data"), list) and answer["data"]:  # it answered synchronously after all
             try:
                 report = Report(TaskState.SUCCEEDED, upstream, images=image_list(answer["data"]), dialect=self.name)
