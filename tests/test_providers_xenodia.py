@@ -21,7 +21,7 @@ from receiver.providers.xenodia import XenodiaProvider, XenodiaTaskDialect
 from receiver.server import serve_in_background
 from receiver.tasks import Task
 from receiver.types import TaskState
-from tests.conftest import Running, start_receiver
+from tests.conftest import Running, needs_postgres, start_receiver
 
 BODY = {"provider": "xenodia", "model": "nano-banana-pro", "prompt": "a lighthouse", "aspect_ratio": "16:9",
         "resolution": "2K"}
@@ -150,9 +150,12 @@ async def finished(running: Running, task_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.anyio
-async def test_polling_until_the_task_succeeds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=needs_postgres)], indirect=True)
+async def test_polling_until_the_task_succeeds(tmp_path: Path, database: str, database_url: str) -> None:
     fake = FakeProvider(delay=0.3)
-    async with serve_in_background(fake.app) as url, start_receiver(tmp_path, provider_url=url, **FAST) as running:
+    async with serve_in_background(fake.app) as url, start_receiver(
+        tmp_path, provider_url=url, database_url=database_url, **FAST
+    ) as running:
         answer = await running.api.post("/v1/tasks", json=BODY)
         assert answer.status_code == 202, answer.text
         task = answer.json()
@@ -171,7 +174,7 @@ async def test_polling_until_the_task_succeeds(tmp_path: Path) -> None:
         # only the answers that changed the state are logged, marked as polled
         assert [c["body"]["state"] for c in logged] == ["running", "succeeded"]
         assert all(c["headers"]["x-receiver-source"] == "poll" and c["dialect"] == "xenodia" for c in logged)
-        assert await jobs(tmp_path) == []
+        assert await running.ctx.store.next_job_due(["poll"]) is None
 
 
 @pytest.mark.anyio

@@ -26,7 +26,7 @@ from receiver.server import serve_in_background
 from receiver.store.sqlite import SQLiteStore
 from receiver.tasks import JobSpec, Task
 from receiver.types import TaskState
-from tests.conftest import API_KEY, Running, make_settings, start_receiver
+from tests.conftest import API_KEY, Running, make_settings, needs_postgres, start_receiver
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +37,7 @@ async def finished(running: Running, task_id: str) -> dict[str, Any]:
     return (await running.api.get(f"/v1/tasks/{task_id}", params={"wait": 20})).json()
 
 
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=needs_postgres)], indirect=True)
 async def test_the_call_is_made_in_the_background(running: Running, fake_provider) -> None:
     fake, url = fake_provider
     fake.delay = 0.3  # the router takes its time; the client does not wait for it
