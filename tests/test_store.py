@@ -357,6 +357,56 @@ async def test_released_leases_are_claimable_at_once(store: Store) -> None:
     assert len(await store.claim_deliveries(now=now, limit=10, owner="w2", lease_seconds=60)) == 1
 
 
+async def test_claims_skip_excluded_subscriptions(store: Store) -> None:
+    busy = await store.create_subscription(subscription())
+    free = await store.create_subscription(subscription())
+    await submitted(store)
+    now = time.time() + 1
+    claimed = await store.claim_deliveries(
+        now=now, limit=10, owner="w", lease_seconds=30, exclude_subscriptions=[busy.id]
+    )
+    assert [j.subscription.id for j in claimed] == [free.id]
+    assert await store.next_delivery_due(exclude_subscriptions=[busy.id, free.id]) is None
+    assert await store.next_delivery_due(exclude_subscriptions=[free.id]) is not None
+    [later] = await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=30)
+    assert later.subscription.id == busy.id
+
+
+async def test_released_deliveries_go_back_unsent(store: Store) -> None:
+    await store.create_subscription(subscription())
+    await submitted(store)
+    now = time.time() + 1
+    [job] = await store.claim_deliveries(now=now, limit=10, owner="w1", lease_seconds=60)
+    assert await store.release_deliveries([job.delivery.id], "someone-else") == 0
+    assert await store.release_deliveries([job.delivery.id], "w1") == 1
+    assert await store.release_deliveries([], "w1") == 0
+    [again] = await store.claim_deliveries(now=now, limit=10, owner="w2", lease_seconds=60)
+    assert again.delivery.id == job.delivery.id
+    assert again.delivery.attempt_count == 0 and again.delivery.next_attempt_at == job.delivery.next_attempt_at
+    delivery = await store.get_delivery(job.delivery.id)
+    assert delivery is not None and delivery.attempts == ()
+
+
+async def test_next_due_counts_the_first_in_line_and_leases(store: Store) -> None:
+    await store.create_subscription(subscription())
+    task = await submitted(store)
+    await store.transition(task.id, lambda t: apply_report(t, Report(TaskState.RUNNING), now=time.time()))
+    now = time.time() + 1
+    [first] = await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=30)
+    # In flight: due when its lease ends, and the event behind it does not count.
+    assert await store.next_delivery_due() == pytest.approx(now + 30)
+    failed = Attempt(at=now, status_code=500, latency_ms=1)
+    await store.finish_attempt(
+        first.delivery.id, "w", AttemptOutcome(failed, DeliveryStatus.PENDING, next_attempt_at=now + 7)
+    )
+    assert await store.next_delivery_due() == pytest.approx(now + 7)
+    [again] = await store.claim_deliveries(now=now + 7, limit=10, owner="w", lease_seconds=30)
+    ok = Attempt(at=now + 7, status_code=200, latency_ms=1)
+    await store.finish_attempt(again.delivery.id, "w", AttemptOutcome(ok, DeliveryStatus.SUCCEEDED))
+    due = await store.next_delivery_due()
+    assert due is not None and due <= now  # task.running, committed before, goes at once
+
+
 async def test_attempts_retries_and_failure(store: Store) -> None:
     sub = await store.create_subscription(subscription())
     task = await submitted(store)
@@ -406,9 +456,20 @@ async def test_recover_resends_failures_since(store: Store) -> None:
 async def test_deleting_a_subscription_closes_its_deliveries(store: Store) -> None:
     sub = await store.create_subscription(subscription())
     await submitted(store)
+    await submitted(store)
+    now = time.time() + 1
+    [in_flight] = await store.claim_deliveries(now=now, limit=1, owner="w", lease_seconds=30)
     await store.delete_subscription(sub.id)
-    assert await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30) == []
+    assert await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=30) == []
     assert await store.next_delivery_due() is None
+    # An attempt that was in flight ends after the deletion: its delivery stays closed.
+    retry = Attempt(at=now, status_code=500, latency_ms=1)
+    await store.finish_attempt(
+        in_flight.delivery.id, "w", AttemptOutcome(retry, DeliveryStatus.PENDING, next_attempt_at=now)
+    )
+    closed = await store.get_delivery(in_flight.delivery.id)
+    assert closed is not None and closed.status is DeliveryStatus.FAILED and closed.attempt_count == 1
+    assert (await store.counts())["pending_deliveries"] == 0
 
 
 async def test_disabled_subscriptions_hold_their_deliveries(store: Store) -> None:

@@ -10,7 +10,7 @@ change can never lose or invent a notification. Backends: `sqlite.py`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -345,15 +345,31 @@ class Store(Protocol):
         """Write an event not tied to a task change (e.g. `ping`) to the outbox; returns deliveries."""
 
     # Deliveries --------------------------------------------------------------
-    async def claim_deliveries(self, *, now: float, limit: int, owner: str, lease_seconds: float) -> list[DeliveryJob]:
+    async def claim_deliveries(
+        self,
+        *,
+        now: float,
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        exclude_subscriptions: Collection[str] = (),
+    ) -> list[DeliveryJob]:
         """Lease due deliveries, oldest first, never one whose earlier event (same
-        subscription and task) is still pending."""
+        subscription and task) is still pending, nor one of `exclude_subscriptions`
+        (endpoints the dispatcher is not sending to right now: busy or paused)."""
 
     async def finish_attempt(self, delivery_id: str, owner: str, outcome: AttemptOutcome) -> None:
         """Record an attempt and release the lease (a no-op if the lease was lost)."""
 
     async def release_leases(self, owner: str) -> int:
         """Hand back every delivery and job `owner` holds (graceful shutdown)."""
+
+    async def release_deliveries(self, delivery_ids: Sequence[str], owner: str) -> int:
+        """Hand back claimed deliveries unsent: the lease is dropped, no attempt is
+        recorded and nothing else changes, so they are claimable again at once.
+
+            await store.release_deliveries(["dlv_…"], owner)   # e.g. more than an endpoint may take now
+        """
 
     async def get_delivery(self, delivery_id: str) -> Delivery | None: ...
 
@@ -365,8 +381,10 @@ class Store(Protocol):
     async def recover_deliveries(self, subscription_id: str, *, since: float, now: float) -> int:
         """Make every failed delivery of a subscription since `since` pending again."""
 
-    async def next_delivery_due(self) -> float | None:
-        """When the earliest pending delivery is due (None: nothing pending)."""
+    async def next_delivery_due(self, *, exclude_subscriptions: Collection[str] = ()) -> float | None:
+        """When the earliest delivery that `claim_deliveries` could hand out is due
+        (None: nothing pending). Only the first pending event of each subscription and
+        task counts (later ones wait for it), and a leased one counts from its lease's end."""
 
     # Jobs --------------------------------------------------------------------
     async def schedule_job(self, task_id: str, kind: str, *, run_at: float, payload: JSON) -> Job: ...

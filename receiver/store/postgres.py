@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -197,9 +197,15 @@ _TASK_SUBSCRIBERS = "SELECT id, events FROM subscriptions WHERE enabled AND (tas
 _GLOBAL_SUBSCRIBERS = "SELECT id, events FROM subscriptions WHERE enabled AND task_id IS NULL"
 _ONE_SUBSCRIBER = "SELECT id, events FROM subscriptions WHERE id = $1"
 
-# Due, unleased deliveries of enabled subscriptions, never one whose earlier event (same
-# subscription and task) is still pending; rows another instance is claiming are skipped.
-_CLAIM_DELIVERIES = """
+# A pending delivery waits while an earlier event of its subscription and task is pending.
+_FIRST_IN_LINE = """NOT EXISTS (
+               SELECT 1 FROM deliveries p
+                WHERE p.status = 'pending' AND p.subscription_id = d.subscription_id
+                  AND p.task_id = d.task_id AND p.sequence < d.sequence)"""
+
+# Due, unleased deliveries of enabled subscriptions (but those of $5), never one whose earlier
+# event (same subscription and task) is still pending; rows another instance is claiming are skipped.
+_CLAIM_DELIVERIES = f"""
 WITH claimed AS (
     UPDATE deliveries SET lease_owner = $1, lease_until = $2
      WHERE id IN (
@@ -207,10 +213,8 @@ WITH claimed AS (
          WHERE d.status = 'pending' AND d.next_attempt_at <= $3
            AND (d.lease_until IS NULL OR d.lease_until < $3)
            AND s.enabled
-           AND NOT EXISTS (
-               SELECT 1 FROM deliveries p
-                WHERE p.status = 'pending' AND p.subscription_id = d.subscription_id
-                  AND p.task_id = d.task_id AND p.sequence < d.sequence)
+           AND NOT (d.subscription_id = ANY($5::text[]))
+           AND {_FIRST_IN_LINE}
          ORDER BY d.next_attempt_at, d.id
          LIMIT $4
          FOR UPDATE OF d SKIP LOCKED)
@@ -536,9 +540,10 @@ class PostgresStore:
     async def delete_subscription(self, subscription_id: str) -> bool:
         async with self._transaction() as conn:
             # Pending deliveries of a deleted subscription can never go out: close them.
+            # Dropping the lease too means an attempt still in flight cannot make them pending again.
             await conn.execute(
-                "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = $1"
-                " WHERE subscription_id = $2 AND status = 'pending'",
+                "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL, lease_owner = NULL,"
+                " lease_until = NULL, updated_at = $1 WHERE subscription_id = $2 AND status = 'pending'",
                 self.clock(),
                 subscription_id,
             )
@@ -560,9 +565,19 @@ class PostgresStore:
         return count
 
     # Deliveries ----------------------------------------------------------------
-    async def claim_deliveries(self, *, now: float, limit: int, owner: str, lease_seconds: float) -> list[DeliveryJob]:
+    async def claim_deliveries(
+        self,
+        *,
+        now: float,
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        exclude_subscriptions: Collection[str] = (),
+    ) -> list[DeliveryJob]:
         async with self._transaction() as conn:
-            rows = await conn.fetch(_CLAIM_DELIVERIES, owner, now + lease_seconds, now, limit)
+            rows = await conn.fetch(
+                _CLAIM_DELIVERIES, owner, now + lease_seconds, now, limit, list(exclude_subscriptions)
+            )
             if not rows:
                 return []
             subs = {
@@ -641,6 +656,20 @@ class PostgresStore:
             await self._notify(conn, wake=[DELIVERIES, JOBS] if released else [])
         return released
 
+    async def release_deliveries(self, delivery_ids: Sequence[str], owner: str) -> int:
+        if not delivery_ids:
+            return 0
+        # No wake-up for the other instances: these were more than this instance may send right now,
+        # and it takes them again as soon as it can.
+        async with self._transaction() as conn:
+            status = await conn.execute(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL"
+                " WHERE lease_owner = $1 AND id = ANY($2::text[])",
+                owner,
+                list(delivery_ids),
+            )
+        return _rowcount(status)
+
     async def get_delivery(self, delivery_id: str) -> Delivery | None:
         found = await self._deliveries("SELECT * FROM deliveries WHERE id = $1", [delivery_id])
         return found[0] if found else None
@@ -705,10 +734,13 @@ class PostgresStore:
             self.feed.wake(DELIVERIES)
         return count
 
-    async def next_delivery_due(self) -> float | None:
+    async def next_delivery_due(self, *, exclude_subscriptions: Collection[str] = ()) -> float | None:
         rows = await self._fetch(
-            "SELECT min(d.next_attempt_at) AS due FROM deliveries d JOIN subscriptions s"
-            " ON s.id = d.subscription_id WHERE d.status = 'pending' AND s.enabled"
+            "SELECT min(GREATEST(d.next_attempt_at, COALESCE(d.lease_until, d.next_attempt_at))) AS due"
+            " FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id"
+            " WHERE d.status = 'pending' AND s.enabled AND NOT (d.subscription_id = ANY($1::text[]))"
+            f" AND {_FIRST_IN_LINE}",
+            list(exclude_subscriptions),
         )
         due = rows[0]["due"] if rows else None
         return float(due) if due is not None else None

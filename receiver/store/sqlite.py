@@ -17,7 +17,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -402,9 +402,24 @@ class SQLiteStore:
         return count
 
     # Deliveries ----------------------------------------------------------------
-    async def claim_deliveries(self, *, now: float, limit: int, owner: str, lease_seconds: float) -> list[DeliveryJob]:
+    async def claim_deliveries(
+        self,
+        *,
+        now: float,
+        limit: int,
+        owner: str,
+        lease_seconds: float,
+        exclude_subscriptions: Collection[str] = (),
+    ) -> list[DeliveryJob]:
         jobs: list[DeliveryJob] = await self._write(
-            partial(_claim_deliveries, now=now, limit=limit, owner=owner, lease_until=now + lease_seconds)
+            partial(
+                _claim_deliveries,
+                now=now,
+                limit=limit,
+                owner=owner,
+                lease_until=now + lease_seconds,
+                exclude=tuple(exclude_subscriptions),
+            )
         )
         return jobs
 
@@ -415,6 +430,12 @@ class SQLiteStore:
 
     async def release_leases(self, owner: str) -> int:
         count: int = await self._write(partial(_release, owner=owner))
+        return count
+
+    async def release_deliveries(self, delivery_ids: Sequence[str], owner: str) -> int:
+        if not delivery_ids:
+            return 0
+        count: int = await self._write(partial(_release_deliveries, delivery_ids=tuple(delivery_ids), owner=owner))
         return count
 
     async def get_delivery(self, delivery_id: str) -> Delivery | None:
@@ -468,10 +489,14 @@ class SQLiteStore:
             self.feed.wake("deliveries")
         return count
 
-    async def next_delivery_due(self) -> float | None:
+    async def next_delivery_due(self, *, exclude_subscriptions: Collection[str] = ()) -> float | None:
+        excluded = tuple(exclude_subscriptions)
         rows = await self._read(
-            "SELECT min(d.next_attempt_at) AS due FROM deliveries d JOIN subscriptions s"
-            " ON s.id = d.subscription_id WHERE d.status = 'pending' AND s.enabled = 1"
+            "SELECT min(max(d.next_attempt_at, coalesce(d.lease_until, d.next_attempt_at))) AS due"
+            " FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id"
+            f" WHERE d.status = 'pending' AND s.enabled = 1 AND {_FIRST_IN_LINE}"
+            + _not_in("d.subscription_id", excluded),
+            excluded,
         )
         due = rows[0]["due"] if rows else None
         return float(due) if due is not None else None
@@ -697,9 +722,10 @@ def _update_subscription(
 
 def _delete_subscription(conn: sqlite3.Connection, *, subscription_id: str, now: float) -> bool:
     # Pending deliveries of a deleted subscription can never go out: close them.
+    # Dropping the lease too means an attempt still in flight cannot make them pending again.
     conn.execute(
-        "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL, updated_at = ?"
-        " WHERE subscription_id = ? AND status = 'pending'",
+        "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL,"
+        " updated_at = ? WHERE subscription_id = ? AND status = 'pending'",
         (now, subscription_id),
     )
     return conn.execute("DELETE FROM subscriptions WHERE id = ?", (subscription_id,)).rowcount > 0
@@ -711,24 +737,29 @@ def _emit_event(
     return _insert_event(conn, event_type, event_body(event_type, data, now=now), None, now, subscription_id)
 
 
-_CLAIMABLE = """
-    SELECT d.id FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
-     WHERE d.status = 'pending' AND d.next_attempt_at <= :now
-       AND (d.lease_until IS NULL OR d.lease_until < :now)
-       AND s.enabled = 1
-       AND NOT EXISTS (
+# A pending delivery waits while an earlier event of its subscription and task is pending.
+_FIRST_IN_LINE = """NOT EXISTS (
            SELECT 1 FROM deliveries p
             WHERE p.status = 'pending' AND p.subscription_id = d.subscription_id
-              AND p.task_id = d.task_id AND p.sequence < d.sequence)
-     ORDER BY d.next_attempt_at, d.id
-     LIMIT :limit
-"""
+              AND p.task_id = d.task_id AND p.sequence < d.sequence)"""
+
+_CLAIMABLE = f"""
+    SELECT d.id FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
+     WHERE d.status = 'pending' AND d.next_attempt_at <= ?
+       AND (d.lease_until IS NULL OR d.lease_until < ?)
+       AND s.enabled = 1
+       AND {_FIRST_IN_LINE}"""
+
+
+def _not_in(column: str, values: Sequence[Any]) -> str:
+    return f" AND {column} NOT IN ({','.join('?' * len(values))})" if values else ""
 
 
 def _claim_deliveries(
-    conn: sqlite3.Connection, *, now: float, limit: int, owner: str, lease_until: float
+    conn: sqlite3.Connection, *, now: float, limit: int, owner: str, lease_until: float, exclude: tuple[str, ...]
 ) -> list[DeliveryJob]:
-    ids = [row["id"] for row in conn.execute(_CLAIMABLE, {"now": now, "limit": limit})]
+    sql = _CLAIMABLE + _not_in("d.subscription_id", exclude) + " ORDER BY d.next_attempt_at, d.id LIMIT ?"
+    ids = [row["id"] for row in conn.execute(sql, (now, now, *exclude, limit))]
     if not ids:
         return []
     marks = ",".join("?" * len(ids))
@@ -792,6 +823,14 @@ def _release(conn: sqlite3.Connection, *, owner: str) -> int:
             f"UPDATE {table} SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)
         ).rowcount
     return released
+
+
+def _release_deliveries(conn: sqlite3.Connection, *, delivery_ids: tuple[str, ...], owner: str) -> int:
+    marks = ",".join("?" * len(delivery_ids))
+    return conn.execute(
+        f"UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ? AND id IN ({marks})",
+        (owner, *delivery_ids),
+    ).rowcount
 
 
 def _retry_delivery(conn: sqlite3.Connection, *, delivery_id: str, now: float) -> bool:
