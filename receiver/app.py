@@ -26,6 +26,9 @@ from receiver.auth import ApiKeys, BearerAuth
 from receiver.clock import system_clock
 from receiver.config import Settings, ensure_secrets
 from receiver.context import Context
+from receiver.delivery.dispatcher import Dispatcher
+from receiver.delivery.sender import HttpxSender
+from receiver.delivery.urlguard import UrlGuard
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
@@ -104,14 +107,18 @@ def create_app(
                     metrics=Metrics(),
                     signatures=signatures_for(settings, http, clock),
                     assets=AssetStore(settings.asset_dir, AssetSigner(keys, clock=clock), settings.public_url),
+                    url_guard=UrlGuard(allow_private=settings.allow_private_urls),
                 )
                 app.state.ctx = ctx
+                sender = HttpxSender(guard=None if settings.allow_private_urls else ctx.url_guard)
+                dispatcher = app.state.dispatcher = Dispatcher(ctx, sender)
                 workers = Workers(the_store.feed)
                 workers.add("expiry", lambda: expire_due_tasks(ctx), topic="expiry", idle=5.0)
                 # Polls, and calls to synchronous providers (one job kind per provider).
                 calls = {name: sync_calls.call_once for name in ctx.providers.names() if ctx.providers.sync(name)}
                 jobs = JobRunner(ctx, {polling.KIND: polling.poll_once, **calls})
                 workers.add("jobs", jobs.step, topic="jobs", idle=1.0)
+                workers.add("deliveries", dispatcher.step, topic="deliveries", idle=30.0)
                 await workers.start()
                 log.info("receiver.started", version=__version__, database=the_store.__class__.__name__)
                 try:
@@ -119,6 +126,8 @@ def create_app(
                 finally:
                     await workers.stop()
                     await jobs.stop()
+                    await dispatcher.close()
+                    await sender.aclose()
         finally:
             await the_store.close()
 

@@ -71,6 +71,9 @@ class Settings:
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     delivery_timeout: float = 10.0
     disable_after: float = 5 * 86400.0
+    delivery_concurrency: int = 10
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
     provider_timeout: float = 30.0
     router_timeout: float = 600.0
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -113,6 +116,9 @@ class Settings:
             retry_schedule=env("RECEIVER_RETRY_SCHEDULE", _schedule, DEFAULT_RETRY_SCHEDULE),
             delivery_timeout=env("RECEIVER_DELIVERY_TIMEOUT", _positive_float, cls.delivery_timeout),
             disable_after=env("RECEIVER_DISABLE_AFTER", _positive_float, cls.disable_after),
+            delivery_concurrency=env("RECEIVER_DELIVERY_CONCURRENCY", _positive_int, cls.delivery_concurrency),
+            breaker_failures=env("RECEIVER_BREAKER_FAILURES", _positive_int, cls.breaker_failures),
+            breaker_cooldown=env("RECEIVER_BREAKER_COOLDOWN", _positive_float, cls.breaker_cooldown),
             provider_timeout=env("RECEIVER_PROVIDER_TIMEOUT", _positive_float, cls.provider_timeout),
             router_timeout=env("RECEIVER_ROUTER_TIMEOUT", _positive_float, cls.router_timeout),
             max_upload_bytes=env("RECEIVER_MAX_UPLOAD_BYTES", _positive_int, cls.max_upload_bytes),

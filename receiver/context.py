@@ -8,6 +8,7 @@ import httpx
 
 from receiver.assets import AssetStore
 from receiver.config import Settings
+from receiver.delivery.urlguard import UrlGuard
 from receiver.metrics import Metrics
 from receiver.providers import Providers
 from receiver.providers.signatures import ProviderSignatures
@@ -27,6 +28,7 @@ class Context:
     metrics: Metrics
     signatures: ProviderSignatures  # providers' own callback signatures (Replicate, fal)
     assets: AssetStore
+    url_guard: UrlGuard
 
     def callback_url(self, task_id: str, *, max_age: int | None = None) -> str:
         """The signed URL a provider posts `task_id`'s result to."""

@@ -32,6 +32,9 @@ def test_environment_is_read() -> None:
             "RECEIVER_XHUOAPI_API_KEY": "sk-1",
             "RECEIVER_RETRY_SCHEDULE": "0,1,2",
             "RECEIVER_ALLOW_PRIVATE_URLS": "1",
+            "RECEIVER_DELIVERY_CONCURRENCY": "4",
+            "RECEIVER_BREAKER_FAILURES": "3",
+            "RECEIVER_BREAKER_COOLDOWN": "2.5",
         }
     )
     assert settings.public_url == "https://abc.trycloudflare.com"
@@ -41,6 +44,7 @@ def test_environment_is_read() -> None:
     assert str(settings.provider("xhuoapi").api_key) == "sk-1"
     assert settings.retry_schedule == (0.0, 1.0, 2.0)
     assert settings.allow_private_urls is True
+    assert (settings.delivery_concurrency, settings.breaker_failures, settings.breaker_cooldown) == (4, 3, 2.5)
     assert settings.data_dir == Path("/srv/r")
 
 
