@@ -34,7 +34,7 @@ from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
 from receiver.providers import Providers, signatures_for
-from receiver.routes import assets, callbacks, ops, tasks
+from receiver.routes import assets, callbacks, deliveries, ops, subscriptions, tasks
 from receiver.signing import AssetSigner, CallbackSigner
 from receiver.store import Store, create_store
 from receiver.types import Clock
@@ -133,7 +133,11 @@ def create_app(
 
     return Starlette(
         routes=[
-            Mount("/v1", routes=tasks.routes, middleware=[Middleware(BearerAuth, keys=api_keys)]),
+            Mount(
+                "/v1",
+                routes=[*tasks.routes, *subscriptions.routes, *deliveries.routes],
+                middleware=[Middleware(BearerAuth, keys=api_keys)],
+            ),
             *callbacks.routes,
             *assets.routes,
             *ops.routes,

@@ -11,7 +11,8 @@ from typing import Any
 
 from receiver import __version__
 from receiver.providers import CALLBACK_DIALECTS
-from receiver.types import TaskState
+from receiver.routes.subscriptions import EVENT_FILTERS
+from receiver.types import DeliveryStatus, TaskState
 
 JSON = dict[str, Any]
 
@@ -178,7 +179,115 @@ SCHEMAS: JSON = {
     },
 }
 
+SCHEMAS.update(
+    {
+        "Subscription": {
+            "type": "object",
+            "required": ["id", "url", "events", "enabled", "secret", "created_at", "updated_at"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^sub_"},
+                "url": {"type": "string", "format": "uri"},
+                "events": {"type": "array", "items": {"type": "string", "enum": list(EVENT_FILTERS)}},
+                "description": NULLABLE_STRING,
+                "enabled": {"type": "boolean"},
+                "task_id": {**NULLABLE_STRING, "description": "Set for a task's notify_url: that task alone."},
+                "disabled_reason": NULLABLE_STRING,
+                "failing_since": {"type": ["string", "null"], "format": "date-time"},
+                "secret": {
+                    "type": "string",
+                    "description": "In full (whsec_…) only when created or rotated; masked everywhere else.",
+                },
+                "previous_secret_expires_at": {"type": ["string", "null"], "format": "date-time"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "SubscriptionList": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": {"type": "array", "items": ref("Subscription")}},
+        },
+        "SubscriptionCreate": {
+            "type": "object",
+            "required": ["url"],
+            "additionalProperties": False,
+            "properties": {
+                "url": {"type": "string", "format": "uri", "description": "http(s); never a private address"},
+                "events": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"type": "string", "enum": list(EVENT_FILTERS)},
+                    "default": ["*"],
+                },
+                "description": {"type": ["string", "null"], "maxLength": 500},
+                "secret": {"type": "string", "pattern": "^whsec_", "description": "base64 of 24 to 64 bytes"},
+            },
+        },
+        "SubscriptionPatch": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "events": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": list(EVENT_FILTERS)}},
+                "enabled": {"type": "boolean", "description": "true also clears disabled_reason and failing_since"},
+                "description": {"type": ["string", "null"], "maxLength": 500},
+            },
+        },
+        "RotateSecret": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"secret": {"type": "string", "pattern": "^whsec_"}},
+        },
+        "Recover": {
+            "type": "object",
+            "required": ["since"],
+            "additionalProperties": False,
+            "properties": {
+                "since": {
+                    "oneOf": [{"type": "string", "format": "date-time"}, {"type": "number", "minimum": 0}],
+                    "description": "ISO-8601 time or unix seconds",
+                }
+            },
+        },
+        "Attempt": {
+            "type": "object",
+            "properties": {
+                "at": {"type": "string", "format": "date-time"},
+                "status_code": {"type": ["integer", "null"]},
+                "latency_ms": {"type": "number"},
+                "error": NULLABLE_STRING,
+                "response_body": {**NULLABLE_STRING, "description": "The first KiB of the answer."},
+            },
+        },
+        "Delivery": {
+            "type": "object",
+            "required": ["id", "subscription_id", "event_id", "event_type", "status", "attempts"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^dlv_"},
+                "subscription_id": {"type": "string"},
+                "task_id": NULLABLE_STRING,
+                "event_id": {"type": "string", "description": "The webhook-id header, the same on every attempt."},
+                "event_type": {"type": "string"},
+                "sequence": {"type": "integer"},
+                "status": {"type": "string", "enum": [s.value for s in DeliveryStatus]},
+                "attempt_count": {"type": "integer"},
+                "next_attempt_at": {"type": ["string", "null"], "format": "date-time"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+                "attempts": {"type": "array", "items": ref("Attempt")},
+            },
+        },
+        "DeliveryList": {
+            "type": "object",
+            "required": ["data", "next_cursor"],
+            "properties": {"data": {"type": "array", "items": ref("Delivery")}, "next_cursor": NULLABLE_STRING},
+        },
+    }
+)
+
 TASK_ID = path_param("task_id", "The task's id (tsk_…).")
+SUBSCRIPTION_ID = path_param("subscription_id", "The subscription's id (sub_…).")
+DELIVERY_ID = path_param("delivery_id", "The delivery's id (dlv_…).")
 
 PATHS: JSON = {
     "/v1/tasks": {
@@ -257,6 +366,125 @@ PATHS: JSON = {
             "security": SECURED,
             "parameters": [TASK_ID],
             "responses": {"200": answer("The cancelled task", ref("Task")), **errors(401, 404, 409)},
+        }
+    },
+    "/v1/subscriptions": {
+        "post": {
+            "summary": "Subscribe an endpoint to task events (the secret is shown in full only here)",
+            "operationId": "createSubscription",
+            "security": SECURED,
+            "requestBody": json_body(ref("SubscriptionCreate")),
+            "responses": {"201": answer("The subscription, secret in full", ref("Subscription")), **errors(400, 401)},
+        },
+        "get": {
+            "summary": "List subscriptions (secrets masked)",
+            "operationId": "listSubscriptions",
+            "security": SECURED,
+            "responses": {"200": answer("Every subscription", ref("SubscriptionList")), **errors(401)},
+        },
+    },
+    "/v1/subscriptions/{subscription_id}": {
+        "get": {
+            "summary": "A subscription (secret masked)",
+            "operationId": "getSubscription",
+            "security": SECURED,
+            "parameters": [SUBSCRIPTION_ID],
+            "responses": {"200": answer("The subscription", ref("Subscription")), **errors(401, 404)},
+        },
+        "patch": {
+            "summary": "Change the URL, events, description, or enable/disable",
+            "operationId": "updateSubscription",
+            "security": SECURED,
+            "parameters": [SUBSCRIPTION_ID],
+            "requestBody": json_body(ref("SubscriptionPatch")),
+            "responses": {"200": answer("The subscription", ref("Subscription")), **errors(400, 401, 404)},
+        },
+        "delete": {
+            "summary": "Delete a subscription (its pending deliveries are closed as failed)",
+            "operationId": "deleteSubscription",
+            "security": SECURED,
+            "parameters": [SUBSCRIPTION_ID],
+            "responses": {"204": answer("Deleted"), **errors(401, 404)},
+        },
+    },
+    "/v1/subscriptions/{subscription_id}/rotate-secret": {
+        "post": {
+            "summary": "A new secret (shown in full); the previous one keeps verifying for 24 hours",
+            "operationId": "rotateSubscriptionSecret",
+            "security": SECURED,
+            "parameters": [SUBSCRIPTION_ID],
+            "requestBody": json_body(ref("RotateSecret"), required=False),
+            "responses": {
+                "200": answer("The subscription, new secret in full", ref("Subscription")),
+                **errors(400, 401, 404, 409),
+            },
+        }
+    },
+    "/v1/subscriptions/{subscription_id}/test": {
+        "post": {
+            "summary": "Send a ping event to this subscription only",
+            "operationId": "testSubscription",
+            "security": SECURED,
+            "parameters": [SUBSCRIPTION_ID],
+            "responses": {"202": answer("Queued"), **errors(401, 404, 409)},
+        }
+    },
+    "/v1/subscriptions/{subscription_id}/recover": {
+        "post": {
+            "summary": "Send again every failed delivery of this subscription since a time",
+            "operationId": "recoverSubscription",
+            "security": SECURED,
+            "parameters": [SUBSCRIPTION_ID],
+            "requestBody": json_body(ref("Recover")),
+            "responses": {
+                "202": answer(
+                    "How many deliveries were queued again",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "subscription_id": {"type": "string"},
+                            "since": {"type": "string", "format": "date-time"},
+                            "recovered": {"type": "integer"},
+                        },
+                    },
+                ),
+                **errors(400, 401, 404, 409),
+            },
+        }
+    },
+    "/v1/deliveries": {
+        "get": {
+            "summary": "The delivery log, newest first, each delivery with its attempts",
+            "operationId": "listDeliveries",
+            "security": SECURED,
+            "parameters": [
+                query_param("subscription_id", {"type": "string"}, "Only this subscription."),
+                query_param("task_id", {"type": "string"}, "Only this task."),
+                query_param(
+                    "status", {"type": "string", "enum": [s.value for s in DeliveryStatus]}, "Only this status."
+                ),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "Page size (50)."),
+                query_param("cursor", {"type": "string"}, "next_cursor of the previous page."),
+            ],
+            "responses": {"200": answer("A page of deliveries", ref("DeliveryList")), **errors(400, 401)},
+        }
+    },
+    "/v1/deliveries/{delivery_id}": {
+        "get": {
+            "summary": "A delivery with its attempts",
+            "operationId": "getDelivery",
+            "security": SECURED,
+            "parameters": [DELIVERY_ID],
+            "responses": {"200": answer("The delivery", ref("Delivery")), **errors(401, 404)},
+        }
+    },
+    "/v1/deliveries/{delivery_id}/retry": {
+        "post": {
+            "summary": "Send a delivery that ended (failed or succeeded) again now, same webhook-id",
+            "operationId": "retryDelivery",
+            "security": SECURED,
+            "parameters": [DELIVERY_ID],
+            "responses": {"202": answer("Pending again", ref("Delivery")), **errors(401, 404, 409)},
         }
     },
     "/v1/callback-urls": {

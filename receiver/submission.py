@@ -79,12 +79,15 @@ async def submit(
     uploads: Sequence[Upload] = (),
     problems: Sequence[Mapping[str, str]] = (),
 ) -> tuple[Task, bool]:
-    """Submit a task; returns (task, created). Raises InvalidParameters, Conflict, ProviderRefused.
+    """Submit a task; returns (task, created). Raises InvalidParameters, UrlNotAllowed, Conflict,
+    ProviderRefused.
 
     A synchronous provider (the router) is not called here: its task is created `submitted`
     together with the background job that makes the call (receiver/sync_calls.py).
     """
     request = validate(body, uploads, problems=problems)
+    if request.notify_url is not None:
+        await ctx.url_guard.check(request.notify_url, field="notify_url")
     background = ctx.providers.sync(request.provider) is not None
     task = new_task(ctx, request, TaskState.SUBMITTED if background else TaskState.QUEUED)
     idempotency = None

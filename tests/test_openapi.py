@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import httpx
+import pytest
 from starlette.routing import Mount, Route
 
 from receiver.app import create_app
@@ -31,3 +34,17 @@ def test_submissions_take_json_or_multipart() -> None:
     body = document("http://x")["paths"]["/v1/tasks"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
     assert "413" in document("http://x")["paths"]["/v1/tasks"]["post"]["responses"]
+
+
+@pytest.mark.anyio
+async def test_every_management_route_needs_a_key(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://receiver"
+    ) as anonymous:
+        for path, method in sorted(served(app.routes)):
+            if not path.startswith("/v1/"):
+                continue
+            concrete = re.sub(r"\{(\w+)\}", "x", path)
+            answer = await anonymous.request(method, concrete, headers={"authorization": "Bearer wrong"})
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized", (method, path)
