@@ -9,6 +9,7 @@ workers, and closes them in reverse order.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
@@ -34,7 +35,7 @@ from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
 from receiver.providers import Providers, signatures_for
-from receiver.routes import assets, callbacks, deliveries, ops, subscriptions, tasks
+from receiver.routes import assets, callbacks, deliveries, ops, streams, subscriptions, tasks
 from receiver.signing import AssetSigner, CallbackSigner
 from receiver.store import Store, create_store
 from receiver.types import Clock
@@ -110,6 +111,7 @@ def create_app(
                     url_guard=UrlGuard(allow_private=settings.allow_private_urls),
                 )
                 app.state.ctx = ctx
+                app.state.draining = asyncio.Event()  # set when the server stops: SSE streams end
                 sender = HttpxSender(guard=None if settings.allow_private_urls else ctx.url_guard)
                 dispatcher = app.state.dispatcher = Dispatcher(ctx, sender)
                 workers = Workers(the_store.feed)
@@ -124,6 +126,7 @@ def create_app(
                 try:
                     yield
                 finally:
+                    app.state.draining.set()
                     await workers.stop()
                     await jobs.stop()
                     await dispatcher.close()
@@ -135,7 +138,7 @@ def create_app(
         routes=[
             Mount(
                 "/v1",
-                routes=[*tasks.routes, *subscriptions.routes, *deliveries.routes],
+                routes=[*tasks.routes, *streams.routes, *subscriptions.routes, *deliveries.routes],
                 middleware=[Middleware(BearerAuth, keys=api_keys)],
             ),
             *callbacks.routes,

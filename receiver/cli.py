@@ -163,7 +163,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from receiver.app import create_app
-    from receiver.server import uvicorn_config
+    from receiver.server import Server, uvicorn_config
 
     settings = _settings()
     configure_logging(settings.log_level)
@@ -194,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
             **common,
         )
         return 0
-    uvicorn.Server(uvicorn_config(create_app(settings), **common)).run()
+    Server(uvicorn_config(create_app(settings), **common)).run()
     return 0
 
 

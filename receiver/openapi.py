@@ -368,6 +368,21 @@ PATHS: JSON = {
             "responses": {"200": answer("The cancelled task", ref("Task")), **errors(401, 404, 409)},
         }
     },
+    "/v1/tasks/{task_id}/events": {
+        "get": {
+            "summary": "Server-Sent Events: the task now, then one event per change, ending after a terminal state",
+            "operationId": "streamTaskEvents",
+            "security": SECURED,
+            "parameters": [TASK_ID],
+            "responses": {
+                "200": {
+                    "description": "`id:` the task's sequence, `event:` task.<state>, `data:` the task (JSON)",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **errors(401, 404),
+            },
+        }
+    },
     "/v1/subscriptions": {
         "post": {
             "summary": "Subscribe an endpoint to task events (the secret is shown in full only here)",

@@ -16,7 +16,25 @@ import uvicorn
 from starlette.types import ASGIApp
 
 
-class _QuietServer(uvicorn.Server):
+def begin_draining(app: object) -> None:
+    """Tell an app's long-lived responses (SSE streams) to finish: the server is stopping.
+
+    The receiver's lifespan puts an asyncio.Event at `app.state.draining`; other apps are left alone.
+    """
+    event = getattr(getattr(app, "state", None), "draining", None)
+    if isinstance(event, asyncio.Event):
+        event.set()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which lets streaming responses end cleanly before it waits for them."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        begin_draining(self.config.app)
+        await super().shutdown(sockets=sockets)
+
+
+class _QuietServer(Server):
     """An in-process server leaves the process's signal handlers alone."""
 
     @contextlib.contextmanager

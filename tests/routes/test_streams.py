@@ -1,0 +1,116 @@
+"""Server-Sent Events over a real socket: the task now, each change, heartbeats, the end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from receiver.routes import streams
+from tests.conftest import API_KEY, Running, start_receiver
+from tests.delivery.helpers import eventually, new_task, set_running, succeed
+from tests.test_e2e import assert_error
+
+pytestmark = pytest.mark.anyio
+
+
+async def frames(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """Each SSE block as a dict; comments under "comment"."""
+    block: dict[str, Any] = {}
+    async for line in response.aiter_lines():
+        if line == "":
+            if block:
+                yield block
+            block = {}
+        elif line.startswith(":"):
+            block.setdefault("comment", []).append(line[1:].strip())
+        else:
+            name, _, value = line.partition(": ")
+            block[name] = value
+    if block:
+        yield block
+
+
+async def test_a_task_as_it_changes_until_it_ends(running: Running) -> None:
+    task, callback_url = await new_task(running)
+    async with running.api.stream("GET", f"/v1/tasks/{task['id']}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        seen = []
+        async for frame in frames(response):
+            if "event" not in frame:
+                continue
+            seen.append(frame)
+            if frame["event"] == "task.submitted":
+                await set_running(running, task["id"])
+            elif frame["event"] == "task.running":
+                await succeed(running, callback_url)
+    # The stream ended by itself after the terminal state.
+    assert [(f["id"], f["event"]) for f in seen] == [("1", "task.submitted"), ("2", "task.running"),
+                                                     ("3", "task.succeeded")]
+    assert seen[0]["retry"] == "3000"
+    last = orjson.loads(seen[-1]["data"])
+    assert last["id"] == task["id"] and last["state"] == "succeeded" and last["sequence"] == 3
+    assert running.ctx.store.feed.listener_count(task["id"]) == 0
+
+
+async def test_a_finished_task_is_one_event(running: Running) -> None:
+    task, callback_url = await new_task(running)
+    await succeed(running, callback_url)
+    async with running.api.stream("GET", f"/v1/tasks/{task['id']}/events") as response:
+        events = [f async for f in frames(response)]
+    assert [f["event"] for f in events] == ["task.succeeded"]
+
+
+async def test_heartbeats_and_a_client_that_leaves(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "HEARTBEAT", 0.05)
+    task, _ = await new_task(running)
+    feed = running.ctx.store.feed
+    async with running.api.stream("GET", f"/v1/tasks/{task['id']}/events") as response:
+        beats = 0
+        async for frame in frames(response):
+            beats += "heartbeat" in frame.get("comment", [])
+            if beats == 2:
+                break
+        assert feed.listener_count(task["id"]) == 1
+    # The client went away: the stream notices and lets go of its listener.
+    await eventually(lambda: _no_listener(feed, task["id"]), timeout=5)
+
+
+async def _no_listener(feed, task_id: str) -> bool:
+    return feed.listener_count(task_id) == 0
+
+
+async def test_streams_end_cleanly_when_the_receiver_stops(tmp_path: Path) -> None:
+    async with httpx.AsyncClient(timeout=10, headers={"authorization": f"Bearer {API_KEY}"}) as client:
+        async with start_receiver(tmp_path) as running:
+            task, _ = await new_task(running)
+
+            async def read() -> list[dict[str, Any]]:
+                async with client.stream("GET", f"{running.url}/v1/tasks/{task['id']}/events") as response:
+                    return [f async for f in frames(response)]
+
+            reader = asyncio.create_task(read())
+            await eventually(lambda: _listening(running, task["id"]))
+            stopping = time.monotonic()
+        got = await asyncio.wait_for(reader, 5)
+        assert time.monotonic() - stopping < 5  # not uvicorn's 10 s graceful timeout
+    assert [f.get("event") for f in got if "event" in f] == ["task.submitted"]
+    assert "the receiver is shutting down" in got[-1]["comment"]
+
+
+async def _listening(running: Running, task_id: str) -> bool:
+    return running.ctx.store.feed.listener_count(task_id) == 1
+
+
+async def test_unknown_tasks_and_missing_keys(running: Running) -> None:
+    assert_error(await running.api.get("/v1/tasks/tsk_nope/events"), 404, "task_not_found")
+    async with httpx.AsyncClient(base_url=running.url) as anonymous:
+        assert_error(await anonymous.get("/v1/tasks/tsk_nope/events"), 401, "unauthorized")
