@@ -33,6 +33,9 @@ EPILOGS = {
     "submit": "example:\n  receiver submit --provider xhuoapi --model gpt-image-2 --prompt 'a red apple' "
     "--param size=1024x1024 --wait",
     "tasks": "example:\n  receiver tasks --state failed --limit 50",
+    "deliveries": "example:\n  receiver deliveries --failed\n"
+    "  receiver deliveries --task tsk_01jd3x5k7q8w2m4n6p8r0t2v4x --json",
+    "redeliver": "example:\n  receiver redeliver dlv_01jd3x5k7q8w2m4n6p8r0t2v4x",
 }
 
 
@@ -138,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--provider", default=None)
     tasks.add_argument("--limit", type=int, default=20)
     client_options(tasks)
+
+    deliveries = command("deliveries", run_deliveries, "List deliveries to subscribers, newest first.")
+    deliveries.add_argument("--failed", action="store_true", help="only failed deliveries (--status failed)")
+    deliveries.add_argument("--status", choices=("pending", "succeeded", "failed"), default=None)
+    deliveries.add_argument("--subscription", metavar="ID", default=None, help="only this subscription")
+    deliveries.add_argument("--task", metavar="ID", default=None, help="only this task")
+    deliveries.add_argument("--limit", type=int, default=20)
+    client_options(deliveries)
+
+    redeliver = command("redeliver", run_redeliver, "Send a delivery again now, with the same webhook-id.")
+    redeliver.add_argument("id", metavar="ID", help="the delivery (dlv_…)")
+    client_options(redeliver)
     return parser
 
 
@@ -355,6 +370,48 @@ def run_tasks(args: argparse.Namespace) -> int:
         for t in page["data"]
     ]
     _print_table(("ID", "STATE", "PROVIDER", "MODEL", "UPSTREAM", "CREATED"), rows)
+    return 0
+
+
+def run_deliveries(args: argparse.Namespace) -> int:
+    status = "failed" if args.failed else args.status
+    with _client(args) as api:
+        page = api.deliveries(status=status, subscription_id=args.subscription, task_id=args.task, limit=args.limit)
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [
+        (
+            d["id"],
+            d["status"],
+            d["event_type"],
+            d.get("task_id") or "-",
+            d["subscription_id"],
+            str(d["attempt_count"]),
+            _last_attempt(d),
+            d["updated_at"],
+        )
+        for d in page["data"]
+    ]
+    _print_table(("ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED"), rows)
+    return 0
+
+
+def _last_attempt(delivery: dict[str, Any]) -> str:
+    if not delivery.get("attempts"):
+        return "-"
+    last = delivery["attempts"][-1]
+    shown = str(last["status_code"]) if last.get("status_code") is not None else (last.get("error") or "?")
+    return shown if len(shown) <= 40 else shown[:39] + "…"
+
+
+def run_redeliver(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        delivery = api.redeliver(args.id)
+    if args.json:
+        _print_json(delivery)
+    else:
+        print(f"{delivery['id']}  {delivery['status']}: queued to be sent again (webhook-id {delivery['event_id']})")
     return 0
 
 

@@ -3,6 +3,7 @@
 with Client("http://127.0.0.1:8000", api_key) as api:
     task = api.submit({"provider": "xhuoapi", "model": "gpt-image-2", "prompt": "…"})
     task = api.task(task["id"], wait=30)
+    failed = api.deliveries(status="failed")
 """
 
 from __future__ import annotations
@@ -97,3 +98,9 @@ class Client:
         if expires_in:
             body["expires_in"] = expires_in
         return self.request("POST", "/v1/callback-urls", json=body)
+
+    def deliveries(self, **filters: Any) -> Any:
+        return self.request("GET", "/v1/deliveries", params={k: v for k, v in filters.items() if v is not None})
+
+    def redeliver(self, delivery_id: str) -> Any:
+        return self.request("POST", f"/v1/deliveries/{delivery_id}/retry")

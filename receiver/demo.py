@@ -1,11 +1,14 @@
 """`receiver demo`: a whole round trip on this machine, with no account anywhere.
 
-A simulated provider and the receiver (on a temporary SQLite file) start on
-127.0.0.1; one task is submitted; every step is printed as it happens.
+A simulated provider, a subscriber endpoint and the receiver (on a temporary
+SQLite file) start on 127.0.0.1; the subscriber is subscribed, one task is
+submitted; every step is printed as it happens, down to the notifications the
+subscriber received and verified with the `standardwebhooks` library.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import tempfile
 import time
@@ -17,6 +20,7 @@ from starlette.datastructures import Secret
 from receiver.app import create_app
 from receiver.config import ProviderSettings, Settings, new_webhook_secret
 from receiver.fakes.provider import FakeProvider
+from receiver.fakes.subscriber import FakeSubscriber
 from receiver.server import free_port, serve_in_background
 
 
@@ -27,8 +31,10 @@ def say(step: str, detail: str = "") -> None:
 async def run(delay: float = 1.0) -> int:
     with tempfile.TemporaryDirectory(prefix="receiver-demo-") as folder:
         fake = FakeProvider(delay=delay)
-        async with serve_in_background(fake.app) as provider_url:
+        subscriber = FakeSubscriber()
+        async with serve_in_background(fake.app) as provider_url, serve_in_background(subscriber.app) as hook_url:
             say("simulated provider listening", provider_url)
+            say("subscriber endpoint listening", f"{hook_url}/hooks/demo")
             port = free_port()
             receiver_url = f"http://127.0.0.1:{port}"
             api_key = "demo-key"
@@ -48,6 +54,16 @@ async def run(delay: float = 1.0) -> int:
                 say("receiver listening", f"{base} (SQLite at {folder}/receiver.db)")
                 headers = {"authorization": f"Bearer {api_key}"}
                 async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as api:
+                    subscribed = await api.post("/v1/subscriptions", json={"url": f"{hook_url}/hooks/demo"})
+                    if subscribed.status_code != 201:
+                        say("subscription refused", subscribed.text)
+                        return 1
+                    subscription = subscribed.json()
+                    subscriber.secrets = [subscription["secret"]]
+                    say(
+                        "subscribed the endpoint to every task event",
+                        f"{subscription['id']}, signing secret {subscription['secret'][:10]}…",
+                    )
                     body = {
                         "provider": "xhuoapi",
                         "model": "gpt-image-2",
@@ -79,11 +95,33 @@ async def run(delay: float = 1.0) -> int:
                         f"task {task['state']} (sequence {task['sequence']})",
                         ", ".join(i["url"] for i in task["result"]["images"]),
                     )
+                    if not await _notified(subscriber, task["id"]):
+                        say("the subscriber did not receive the task.succeeded notification in time")
+                        return 1
         say("done", "every step above went over real sockets on 127.0.0.1")
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    import asyncio
+async def _notified(subscriber: FakeSubscriber, task_id: str, timeout: float = 10.0) -> bool:
+    """Wait for the task's final notification, printing each one the subscriber verified."""
+    printed = 0
 
+    def show() -> bool:
+        nonlocal printed
+        for got in subscriber.verified[printed:]:
+            say(
+                f"notification received and verified: {got.type}",
+                f"webhook-id {got.webhook_id}, sequence {got.sequence}, signature checked with standardwebhooks",
+            )
+            printed += 1
+        return any(got.type == "task.succeeded" and got.task_id == task_id for got in subscriber.verified)
+
+    try:
+        await subscriber.wait_for(lambda _: show(), timeout=timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(asyncio.run(run()))

@@ -18,7 +18,8 @@ import pytest
 
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port
-from tests.conftest import NOTIFY_SECRET, needs_postgres, postgres_database
+from tests.conftest import API_KEY, NOTIFY_SECRET, needs_postgres, postgres_database, start_receiver
+from tests.delivery.helpers import FAST, deliveries, eventually, new_task, sink, subscribe
 
 pytestmark = pytest.mark.anyio
 
@@ -164,12 +165,41 @@ async def test_the_cli_against_a_running_receiver(tmp_path: Path) -> None:
             await server.stop()
 
 
+async def test_deliveries_and_redeliver_from_the_cli(tmp_path: Path) -> None:
+    once = {**FAST, "retry_schedule": (0.0,)}
+    async with sink(mode="fail") as (hook, url), start_receiver(tmp_path, **once) as running:
+        sub = await subscribe(running, url)
+        task, _ = await new_task(running)
+        [failed] = await eventually(lambda: deliveries(running, status="failed"))
+        env = {**receiver_env(tmp_path, 1, "http://127.0.0.1:9"), "RECEIVER_URL": running.url,
+               "RECEIVER_API_KEY": API_KEY}
+
+        listed = await cli(env, "deliveries")
+        assert listed.returncode == 0, listed.stderr
+        header, row = listed.stdout.splitlines()
+        assert header.split() == ["ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED"]
+        assert row.split()[:7] == [failed["id"], "failed", "task.submitted", task["id"], sub["id"], "1", "500"]
+        as_json = json.loads((await cli(env, "deliveries", "--failed", "--json", "--task", task["id"])).stdout)
+        assert [d["id"] for d in as_json["data"]] == [failed["id"]]
+        assert json.loads((await cli(env, "deliveries", "--status", "succeeded", "--json")).stdout)["data"] == []
+
+        hook.mode = "ok"
+        again = await cli(env, "redeliver", failed["id"])
+        assert again.returncode == 0 and f"{failed['id']}  pending" in again.stdout
+        await hook.wait_for(lambda _: len(hook.verified) == 1)
+        assert hook.verified[0].webhook_id == failed["event_id"]
+
+        missing = await cli(env, "redeliver", "dlv_nope")
+        assert missing.returncode == 1 and "delivery_not_found" in missing.stderr
+
+
 async def test_migrate_and_help(tmp_path: Path) -> None:
     env = receiver_env(tmp_path, 1, "http://127.0.0.1:9")
     migrated = await cli(env, "migrate")
     assert migrated.returncode == 0 and (tmp_path / "data" / "receiver.db").exists()
     assert (await cli(env, "migrate")).returncode == 0  # idempotent
-    for command in ("serve", "migrate", "demo", "fake-provider", "callback-url", "submit", "tasks"):
+    for command in ("serve", "migrate", "demo", "fake-provider", "callback-url", "submit", "tasks", "deliveries",
+                    "redeliver"):
         shown = await cli(env, command, "--help")
         assert shown.returncode == 0 and "example:" in shown.stdout, command
     broken = await cli({**env, "RECEIVER_MAX_BODY_BYTES": "lots"}, "migrate")
@@ -203,3 +233,5 @@ async def test_demo_runs_the_whole_round_trip(tmp_path: Path) -> None:
     result = await cli(receiver_env(tmp_path, 1, "http://127.0.0.1:9"), "demo")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "task succeeded" in result.stdout and "callback received and stored" in result.stdout
+    assert "notification received and verified: task.submitted" in result.stdout
+    assert "notification received and verified: task.succeeded" in result.stdout
