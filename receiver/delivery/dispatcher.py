@@ -171,12 +171,17 @@ class Dispatcher:
     async def _deliver(self, job: DeliveryJob, endpoint: _Endpoint) -> None:
         delivery, subscription = job.delivery, job.subscription
         settings, metrics = self.ctx.settings, self.ctx.metrics
+        sending = True
         try:
             started = self.ctx.clock()
             answer = await self._send(job, started)
             ended = self.ctx.clock()
             before = endpoint.breaker.state(ended)
             after = endpoint.breaker.record(ok=answer.ok, now=ended)
+            # The request is over: its slot may take the next one while the attempt is written.
+            sending = False
+            endpoint.in_flight -= 1
+            self.ctx.store.feed.wake("deliveries")
             outcome = decide(
                 delivery,
                 subscription,
@@ -200,7 +205,8 @@ class Dispatcher:
                 "worker.failed", worker="deliveries", delivery_id=delivery.id, error=repr(exc)[:500], exc_info=True
             )
         finally:
-            endpoint.in_flight -= 1
+            if sending:
+                endpoint.in_flight -= 1
             if endpoint.in_flight == 0 and endpoint.breaker.idle:
                 self._endpoints.pop(subscription.id, None)
             self.ctx.store.feed.wake("deliveries")
