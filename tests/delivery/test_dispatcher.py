@@ -90,6 +90,10 @@ async def test_every_change_reaches_subscribers_signed(tmp_path: Path, fake_prov
         assert ping.event["data"] == {"subscription_id": sub["id"]}
         assert all(r.type != "ping" for r in notified.received)
 
+        metrics = (await running.api.get("/metrics")).text
+        assert 'receiver_deliveries_total{outcome="succeeded"}' in metrics
+        assert "receiver_delivery_latency_seconds_count" in metrics and "receiver_outbox_depth" in metrics
+
 
 async def _when_all(listing, *, status: str, count: int):
     found = await listing
