@@ -207,8 +207,9 @@ class Dispatcher:
         finally:
             if sending:
                 endpoint.in_flight -= 1
-            if endpoint.in_flight == 0 and endpoint.breaker.idle:
-                self._endpoints.pop(subscription.id, None)
+            # Forget an endpoint with nothing to remember (but never a newer one for the same subscription).
+            if endpoint.in_flight == 0 and endpoint.breaker.idle and self._endpoints.get(subscription.id) is endpoint:
+                del self._endpoints[subscription.id]
             self.ctx.store.feed.wake("deliveries")
 
     async def _send(self, job: DeliveryJob, now: float) -> Answer:

@@ -396,3 +396,142 @@ def test_what_an_attempt_decides(answer, attempts, failing_since, status, next_a
     assert (outcome.disable is None) if disabled is None else (disabled in (outcome.disable or ""))
     assert outcome.attempt.at == 990.0 and outcome.attempt.status_code == answer.status_code
     assert outcome.attempt.error == answer.error and outcome.attempt.latency_ms == answer.latency_ms
+
+
+# --- the dispatcher's steps, with an injected clock and a scripted sender --------------
+
+
+class ScriptedSender:
+    """Answers from a script; `gate` (when set) holds every request until released."""
+
+    def __init__(self, *answers: Answer) -> None:
+        self.answers = list(answers)
+        self.sent: list[tuple[str, dict[str, str]]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def send(self, url, body, headers, *, timeout):
+        self.sent.append((url, dict(headers)))
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def bench(tmp_path: Path):
+    """A dispatcher on a real SQLite store, with a FakeClock, no HTTP and no worker loop."""
+    from receiver.clock import FakeClock
+    from receiver.context import Context
+    from receiver.delivery.dispatcher import Dispatcher
+    from receiver.delivery.urlguard import UrlGuard
+    from receiver.metrics import Metrics
+    from receiver.signing import CallbackSigner
+    from receiver.store.sqlite import SQLiteStore
+    from tests.conftest import make_settings
+
+    clock = FakeClock(time.time())
+    store = SQLiteStore(tmp_path / "bench.db", clock=clock)
+    await store.open()
+
+    async def make(sender, **settings):
+        ctx = Context(
+            settings=make_settings(tmp_path, **settings), store=store, clock=clock, http=None, providers=None,
+            signer=CallbackSigner(["k"], clock=clock), metrics=Metrics(), url_guard=UrlGuard(allow_private=True),
+        )
+        return Dispatcher(ctx, sender, rng=_NoJitter()), clock, store
+
+    yield make
+    await store.close()
+
+
+async def _event(store, clock, sub_id: str | None = None) -> None:
+    from receiver.ids import new_id
+    from receiver.tasks import Task
+    from receiver.types import EventType, TaskState
+
+    task = Task(id=new_id("tsk"), provider="xhuoapi", model="m", state=TaskState.SUBMITTED, request={},
+                created_at=clock(), updated_at=clock(), expires_at=clock() + 3600)
+    await store.create_task(task, events=(EventType.SUBMITTED,))
+
+
+async def _subscribe(store, clock) -> Subscription:
+    from receiver.ids import new_id
+
+    sub = Subscription(id=new_id("sub"), url="http://127.0.0.1:9/hook", events=("*",), secret=SECRET,
+                       created_at=clock(), updated_at=clock())
+    return await store.create_subscription(sub)
+
+
+async def _settle(dispatcher) -> None:
+    """Wait for every send the dispatcher started, written to the store included."""
+    await asyncio.gather(*list(dispatcher._sends))
+
+
+async def test_a_step_sleeps_until_the_next_retry_on_the_injected_clock(bench) -> None:
+    sender = ScriptedSender(Answer(500, 1.0, "HTTP 500"), Answer(200, 1.0))
+    dispatcher, clock, store = await bench(sender, retry_schedule=(0.0, 60.0))
+    await _subscribe(store, clock)
+    await _event(store, clock)
+    await dispatcher.step()  # starts the first attempt
+    await _settle(dispatcher)
+    assert await dispatcher.step() == pytest.approx(60.0, abs=0.01)  # the retry, 60 s away by the fake clock
+    assert len(sender.sent) == 1
+    clock.advance(60)
+    await dispatcher.step()
+    await _settle(dispatcher)
+    assert len(sender.sent) == 2 and sender.sent[0][1]["webhook-id"] == sender.sent[1][1]["webhook-id"]
+    assert sender.sent[1][1]["webhook-timestamp"] == str(int(clock()))
+    assert await dispatcher.step() is None  # nothing left: sleep until woken
+
+
+async def test_a_full_endpoint_is_left_alone_without_spinning(bench) -> None:
+    sender = ScriptedSender(Answer(200, 1.0))
+    sender.gate = asyncio.Event()
+    dispatcher, clock, store = await bench(sender, delivery_concurrency=1)
+    sub = await _subscribe(store, clock)
+    for _ in range(3):
+        await _event(store, clock)
+    await dispatcher.step()
+    await asyncio.sleep(0.01)
+    assert len(sender.sent) == 1 and dispatcher.in_flight == 1
+    # The other two went back unclaimed, and with the endpoint full nothing is due for this dispatcher.
+    assert await dispatcher.step() is None
+    assert len(sender.sent) == 1
+    assert await store.next_delivery_due(exclude_subscriptions=[sub.id]) is None
+    sender.gate.set()
+    for _ in range(3):
+        await _settle(dispatcher)
+        await dispatcher.step()
+    await _settle(dispatcher)
+    assert len(sender.sent) == 3
+
+
+async def test_an_open_breaker_pauses_by_the_injected_clock_and_spends_no_attempt(bench) -> None:
+    sender = ScriptedSender(Answer(None, 1.0, "connection failed"), Answer(200, 1.0))
+    dispatcher, clock, store = await bench(
+        sender, retry_schedule=(0.0, 0.0, 0.0), breaker_failures=1, breaker_cooldown=100.0
+    )
+    sub = await _subscribe(store, clock)
+    await _event(store, clock)
+    await dispatcher.step()
+    await _settle(dispatcher)
+    assert len(sender.sent) == 1  # failed: the breaker opened
+    await _event(store, clock)
+    assert await dispatcher.step() == pytest.approx(100.0, abs=0.01)  # both are due, yet it sleeps until the probe
+    assert len(sender.sent) == 1
+    clock.advance(100)
+    await dispatcher.step()
+    await asyncio.sleep(0.01)
+    assert len(sender.sent) == 2  # one probe alone
+    await _settle(dispatcher)
+    await dispatcher.step()
+    await _settle(dispatcher)
+    assert len(sender.sent) == 3
+    assert dispatcher.breaker(sub.id) is None  # closed again and forgotten
+    from receiver.store.base import DeliveryQuery
+
+    done = await store.list_deliveries(DeliveryQuery(subscription_id=sub.id))
+    assert all(d.status is DeliveryStatus.SUCCEEDED for d in done)
+    assert sum(d.attempt_count for d in done) == len(sender.sent)
