@@ -194,7 +194,7 @@ async def _finished(running, task_id: str):
 async def test_a_dead_endpoint_does_not_slow_a_healthy_one(tmp_path: Path) -> None:
     settings = {
         **FAST,
-        "delivery_timeout": 1.0,
+        "delivery_timeout": 2.0,
         "delivery_concurrency": 2,
         "breaker_failures": 2,
         "breaker_cooldown": 30.0,
@@ -212,11 +212,12 @@ async def test_a_dead_endpoint_does_not_slow_a_healthy_one(tmp_path: Path) -> No
             await asyncio.sleep(0.1)  # events keep coming while the dead endpoint times out
         await healthy.wait_for(lambda _: len(healthy.verified) == count)
         latencies = [r.at - parse_iso(r.event["timestamp"]) for r in healthy.verified]
-        # Each healthy delivery went at once, never behind the dead endpoint's 1 s timeouts.
-        assert max(latencies) < 0.5, latencies
+        # Each healthy delivery went at once, never behind the dead endpoint's 2 s timeouts
+        # (typically a few milliseconds; the bound leaves room for a busy machine).
+        assert max(latencies) < 1.0, latencies
         # The per-endpoint limit: before the first timeout, no more than 2 requests were open.
         first = dead.received[0].at
-        assert len([r for r in dead.received if r.at < first + 0.9]) <= 2
+        assert len([r for r in dead.received if r.at < first + 1.9]) <= 2
         await eventually(lambda: _breaker_open(running, dead_sub["id"]))
         logged = await deliveries(running, subscription_id=dead_sub["id"])
         attempted = [d for d in logged if d["attempt_count"]]
