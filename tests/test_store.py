@@ -289,6 +289,29 @@ async def test_concurrent_writes_all_land(store: Store) -> None:
     assert counts["tasks"]["succeeded"] == 40
 
 
+async def test_a_read_sees_the_write_before_it_while_other_reads_run(store: Store) -> None:
+    # Background workers read all the time (what is due next); a request that writes and then
+    # reads must still see its own write.
+    stop = asyncio.Event()
+
+    async def poll() -> None:
+        while not stop.is_set():
+            await store.next_delivery_due()
+            await store.next_job_due(["poll"])
+
+    pollers = [asyncio.create_task(poll()) for _ in range(3)]
+    try:
+        for _ in range(150):
+            sub = await store.create_subscription(subscription())
+            assert await store.get_subscription(sub.id) is not None
+            await store.update_subscription(sub.id, enabled=False)
+            found = await store.get_subscription(sub.id)
+            assert found is not None and not found.enabled
+    finally:
+        stop.set()
+        await asyncio.gather(*pollers)
+
+
 # --- subscriptions and deliveries -------------------------------------------------
 
 

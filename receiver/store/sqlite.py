@@ -275,8 +275,9 @@ class SQLiteStore:
         if self._reader is None:
             raise StoreError("the store is not open")
         try:
-            async with self._reader.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            # One call on the reader's thread runs the statement to its end: a statement left half-read
+            # while another read starts would hold its snapshot, and that read would miss recent commits.
+            return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
 
