@@ -22,7 +22,7 @@ from receiver.delivery.sender import Answer
 from receiver.fakes.subscriber import Received
 from receiver.store.base import Delivery, Subscription
 from receiver.types import DeliveryStatus
-from tests.conftest import NOTIFY_SECRET, start_receiver
+from tests.conftest import NOTIFY_SECRET, needs_postgres, postgres_database, start_receiver
 from tests.delivery.helpers import (
     FAST,
     SECRET,
@@ -37,13 +37,19 @@ from tests.delivery.helpers import (
 
 pytestmark = pytest.mark.anyio
 
+#: The representative delivery tests, run on SQLite and on PostgreSQL (the rest run on SQLite).
+on_every_database = pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgres", marks=needs_postgres)], indirect=True
+)
 
-async def test_every_change_reaches_subscribers_signed(tmp_path: Path, fake_provider) -> None:
+
+@on_every_database
+async def test_every_change_reaches_subscribers_signed(tmp_path: Path, fake_provider, database_url: str) -> None:
     _, provider_url = fake_provider
     async with (
         sink() as (hook, url),
         sink(secrets=[NOTIFY_SECRET]) as (notified, notify_url),
-        start_receiver(tmp_path, provider_url=provider_url, **FAST) as running,
+        start_receiver(tmp_path, provider_url=provider_url, database_url=database_url, **FAST) as running,
     ):
         sub = await subscribe(running, url)
         task, callback_url = await new_task(running)
@@ -122,8 +128,9 @@ async def test_an_outage_then_recovery_delivers_everything(tmp_path: Path) -> No
         assert retried and retried[0]["error"] == "HTTP 503" and "maintenance" in retried[0]["response_body"]
 
 
-async def test_pending_retries_survive_a_restart(tmp_path: Path) -> None:
-    settings = {**FAST, "retry_schedule": (0.0, 0.3, 0.3), "delivery_timeout": 30.0}
+@on_every_database
+async def test_pending_retries_survive_a_restart(tmp_path: Path, database_url: str) -> None:
+    settings = {**FAST, "retry_schedule": (0.0, 0.3, 0.3), "delivery_timeout": 30.0, "database_url": database_url}
     async with sink(mode="fail") as (hook, url):
         async with start_receiver(tmp_path, **settings) as running:
             await subscribe(running, url)
@@ -151,8 +158,9 @@ def _marked(got: Received, mark: str) -> bool:
     return bool(((got.event.get("data") or {}).get("metadata") or {}).get(mark))
 
 
-async def test_one_task_in_order_other_tasks_never_wait(tmp_path: Path) -> None:
-    settings = {**FAST, "retry_schedule": (0.0,) + (0.05,) * 100}
+@on_every_database
+async def test_one_task_in_order_other_tasks_never_wait(tmp_path: Path, database_url: str) -> None:
+    settings = {**FAST, "retry_schedule": (0.0,) + (0.05,) * 100, "database_url": database_url}
     hold = {"on": True}
     async with sink() as (hook, url), start_receiver(tmp_path, **settings) as running:
         hook.script = lambda got: 500 if hold["on"] and _marked(got, "hold") else None
@@ -191,9 +199,11 @@ async def _finished(running, task_id: str):
     return found if all(d["status"] != "pending" for d in found) else None
 
 
-async def test_a_dead_endpoint_does_not_slow_a_healthy_one(tmp_path: Path) -> None:
+@on_every_database
+async def test_a_dead_endpoint_does_not_slow_a_healthy_one(tmp_path: Path, database_url: str) -> None:
     settings = {
         **FAST,
+        "database_url": database_url,
         "delivery_timeout": 2.0,
         "delivery_concurrency": 2,
         "breaker_failures": 2,
@@ -225,6 +235,21 @@ async def test_a_dead_endpoint_does_not_slow_a_healthy_one(tmp_path: Path) -> No
         assert len(attempted) <= 4 and sum(d["attempt_count"] for d in logged) == len(dead.received)
         assert len(logged) == count and all(d["status"] == "pending" for d in logged)
         assert all(a["error"].startswith("timeout") for d in attempted for a in d["attempts"])
+
+
+@needs_postgres
+async def test_instances_on_one_database_share_the_deliveries(tmp_path: Path) -> None:
+    async with (
+        sink() as (hook, url),
+        postgres_database() as database_url,
+        start_receiver(tmp_path / "a", database_url=database_url, **FAST) as a,
+        start_receiver(tmp_path / "b", database_url=database_url, **FAST) as b,
+    ):
+        await subscribe(a, url)
+        tasks = [(await new_task(a if i % 2 else b))[0] for i in range(20)]
+        await hook.wait_for(lambda _: len(hook.verified) == 20)
+        await asyncio.sleep(0.2)  # a second copy of any event would have arrived by now
+        assert sorted(r.task_id for r in hook.received) == sorted(t["id"] for t in tasks)  # each event once
 
 
 async def _breaker_open(running, subscription_id: str) -> bool:
@@ -439,7 +464,8 @@ async def bench(tmp_path: Path):
     async def make(sender, **settings):
         ctx = Context(
             settings=make_settings(tmp_path, **settings), store=store, clock=clock, http=None, providers=None,
-            signer=CallbackSigner(["k"], clock=clock), metrics=Metrics(), url_guard=UrlGuard(allow_private=True),
+            signer=CallbackSigner(["k"], clock=clock), metrics=Metrics(), signatures=None, assets=None,
+            url_guard=UrlGuard(allow_private=True),
         )
         return Dispatcher(ctx, sender, rng=_NoJitter()), clock, store
 
