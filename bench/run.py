@@ -1,0 +1,463 @@
+"""Benchmarks of the receiver against a bare Starlette baseline measured in the same run.
+
+    bench/run                      # everything (about 3 minutes)
+    bench/run --only ingest        # one scenario; --quick for a short smoke run
+
+Every server runs on 127.0.0.1 in its own process; every load is bounded in
+time; the figures are printed as a table and written to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench import loadgen  # noqa: E402
+from bench.seed import BODY, SIGNING_KEY, seed_sqlite  # noqa: E402
+from receiver.server import free_port  # noqa: E402
+
+# --- servers ------------------------------------------------------------------------
+
+
+class Server:
+    """A server process on 127.0.0.1 whose memory is sampled while it runs."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.name, self.argv, self.env, self.port, self.log = name, argv, env, port, log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.samples: list[tuple[float, int]] = []  # (time, rss bytes)
+        self._sampling = False
+
+    def start(self) -> None:
+        with self.log.open("ab") as handle:
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def rss(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+    def peak_rss(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+    @contextmanager
+    def sampling(self, every: float = 0.25) -> Iterator[None]:
+        self._sampling = True
+
+        def sample() -> None:
+            while self._sampling:
+                try:
+                    self.samples.append((time.monotonic(), self.rss()))
+                except (OSError, AttributeError):
+                    return
+                time.sleep(every)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._sampling = False
+            thread.join()
+
+
+@contextmanager
+def running(server: Server) -> Iterator[Server]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def baseline_server(work: Path) -> Server:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.baseline:app",
+        "--app-dir",
+        str(HERE.parent),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    return Server("baseline", argv, dict(os.environ), port, work / "baseline.log")
+
+
+def receiver_server(work: Path, database_url: str, **env: str) -> Server:
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    environment.update(
+        {
+            "RECEIVER_DATABASE_URL": database_url,
+            "RECEIVER_DATA_DIR": str(work),
+            "RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "RECEIVER_SECRET_KEY": SIGNING_KEY,
+            "RECEIVER_API_KEYS": "bench-api-key",
+            "RECEIVER_NOTIFY_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "RECEIVER_LOG_LEVEL": "warning",
+            "RECEIVER_MIRROR_ASSETS": "0",
+            "RECEIVER_ALLOW_PRIVATE_URLS": "1",
+            **env,
+        }
+    )
+    argv = [sys.executable, "-m", "receiver", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return Server("receiver", argv, environment, port, work / "receiver.log")
+
+
+# --- load ---------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    ok: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    tool: str
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+@dataclass
+class Urls:
+    """Signed callback paths, one task each, handed out so no two runs post to the same task."""
+
+    path: Path
+    count: int
+    cursor: int = 0
+
+    def advance(self, used: int, margin: int) -> None:
+        self.cursor += used + margin
+
+    @property
+    def exhausted(self) -> bool:
+        return self.cursor >= self.count
+
+
+def wrk(port: int, urls: Urls, *, connections: int, duration: float, threads: int = 2) -> Load:
+    env = {
+        **os.environ,
+        "BENCH_URLS": str(urls.path),
+        "BENCH_START": str(urls.cursor),
+        "BENCH_BODY": BODY.decode(),
+        "BENCH_THREADS": str(threads),
+    }
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{duration:g}s",
+            "--latency",
+            "-s",
+            str(HERE / "callbacks.lua"),
+            f"http://127.0.0.1:{port}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=duration + 60,
+    ).stdout
+    total = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))  # type: ignore[union-attr]
+    seconds = _ms(re.search(r"requests in ([\d.]+\w+)", out).group(1)) / 1000  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    error_count = sum(int(g) for g in errors.groups()) if errors else 0
+    bad = int(non_2xx.group(1)) if non_2xx else 0
+    p50 = _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
+    return Load(total, seconds, total - bad, error_count + bad, p50, p99, "wrk")
+
+
+def python_load(port: int, urls: Urls, *, connections: int, duration: float) -> Load:
+    paths = urls.path.read_text().split()
+    counter = iter(range(urls.cursor, 10**12))
+
+    def next_request() -> bytes:
+        return loadgen.request_bytes("127.0.0.1", port, paths[next(counter) % len(paths)], BODY)
+
+    result = asyncio.run(
+        loadgen.closed_loop("127.0.0.1", port, next_request, connections=connections, duration=duration)
+    )
+    return Load(
+        result.count,
+        result.finished - result.started,
+        result.ok(),
+        result.errors,
+        result.percentile(50) * 1000,
+        result.percentile(99) * 1000,
+        "python",
+    )
+
+
+def load(port: int, urls: Urls, *, connections: int, duration: float) -> Load:
+    run = wrk if shutil.which("wrk") else python_load
+    result = run(port, urls, connections=connections, duration=duration)
+    urls.advance(result.requests, margin=connections)
+    return result
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    figures: dict[str, Any] = field(default_factory=dict)
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, *cells: Any) -> None:
+        self.rows.append(tuple(str(c) for c in cells))
+
+
+def _mb(value: float) -> str:
+    return f"{value / 2**20:.1f}"
+
+
+def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> None:
+    """Callback ingest at 64 (and 256) connections, against the bare endpoint in the same run."""
+    database = work / "ingest.db"
+    print(f"  seeding {args.tasks} tasks …", flush=True)
+    seed_sqlite(database, args.tasks, work / "urls.txt")
+    urls = Urls(work / "urls.txt", args.tasks)
+
+    with running(baseline_server(work)) as base:
+        load(base.port, urls, connections=args.connections, duration=min(2.0, args.duration))  # warm-up
+        baseline = load(base.port, urls, connections=args.connections, duration=args.duration)
+    urls.cursor = 0  # the baseline stores nothing: the receiver may use every task
+    with running(receiver_server(work, f"sqlite:///{database}")) as server, server.sampling():
+        warmup = load(server.port, urls, connections=args.connections, duration=min(2.0, args.duration))
+        measured = load(server.port, urls, connections=args.connections, duration=args.duration)
+        wide = load(server.port, urls, connections=256, duration=args.duration)
+        peak = server.peak_rss()
+    # Every 2xx must be a stored row (rows may exceed: requests in flight when a run stopped).
+    stored = _count(database, "SELECT count(*) FROM callbacks")
+    acknowledged_total = warmup.ok + measured.ok + wide.ok
+    ratio = measured.rate / baseline.rate
+    report.figures["ingest"] = {
+        "baseline_rps": round(baseline.rate, 1),
+        "baseline_p50_ms": baseline.p50_ms,
+        "baseline_p99_ms": baseline.p99_ms,
+        "receiver_rps": round(measured.rate, 1),
+        "receiver_p50_ms": measured.p50_ms,
+        "receiver_p99_ms": measured.p99_ms,
+        "ratio": round(ratio, 3),
+        "receiver_rps_256": round(wide.rate, 1),
+        "receiver_p99_ms_256": wide.p99_ms,
+        "errors": measured.errors + wide.errors,
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "callbacks_stored": stored,
+        "callbacks_acknowledged_measured": acknowledged_total,
+        "tool": measured.tool,
+    }
+    report.row(
+        "ingest: bare Starlette endpoint",
+        f"{baseline.rate:,.0f}",
+        "1.00",
+        f"{baseline.p50_ms:.1f}",
+        f"{baseline.p99_ms:.1f}",
+        "",
+    )
+    report.row(
+        f"ingest: receiver, {args.connections} conns",
+        f"{measured.rate:,.0f}",
+        f"{ratio:.2f}",
+        f"{measured.p50_ms:.1f}",
+        f"{measured.p99_ms:.1f}",
+        _mb(peak),
+    )
+    report.row(
+        "ingest: receiver, 256 conns",
+        f"{wide.rate:,.0f}",
+        f"{wide.rate / baseline.rate:.2f}",
+        f"{wide.p50_ms:.1f}",
+        f"{wide.p99_ms:.1f}",
+        "",
+    )
+    if urls.exhausted:
+        report.notes.append(f"only {args.tasks} tasks were seeded: later callbacks repeated earlier ones (--tasks)")
+    if stored < acknowledged_total:
+        report.notes.append(f"DURABILITY VIOLATED: {acknowledged_total} callbacks answered 2xx but {stored} stored")
+    else:
+        report.notes.append(f"every acknowledged callback is stored ({stored} rows ≥ {acknowledged_total} 2xx)")
+    if measured.tool != "wrk":
+        report.notes.append("wrk is missing: the Python load generator was used; its own speed caps the figures")
+
+
+def scenario_soak(args: argparse.Namespace, work: Path, report: Report) -> None:
+    """Constant load for `--soak` seconds: RSS after warm-up vs at the end."""
+    database = work / "soak.db"
+    seed_sqlite(database, args.tasks, work / "soak-urls.txt")
+    urls = Urls(work / "soak-urls.txt", args.tasks)
+    warmup = min(10.0, args.soak / 4)
+    with running(receiver_server(work, f"sqlite:///{database}")) as server, server.sampling(every=0.5):
+        result = load(server.port, urls, connections=args.connections, duration=args.soak)
+        samples = server.samples
+        peak = server.peak_rss()
+    start = samples[0][0]
+    after_warmup = next(rss for t, rss in samples if t - start >= warmup)
+    at_end = max(rss for t, rss in samples if t - start >= args.soak - 2)
+    growth = (at_end - after_warmup) / after_warmup
+    report.figures["soak"] = {
+        "seconds": args.soak,
+        "rps": round(result.rate, 1),
+        "rss_after_warmup_mb": round(after_warmup / 2**20, 1),
+        "rss_end_mb": round(at_end / 2**20, 1),
+        "growth": round(growth, 4),
+        "peak_rss_mb": round(peak / 2**20, 1),
+    }
+    report.row(
+        f"soak {args.soak:g} s: RSS warm → end (MB)",
+        f"{result.rate:,.0f}",
+        "",
+        "",
+        "",
+        f"{_mb(after_warmup)} → {_mb(at_end)} ({growth:+.1%})",
+    )
+
+
+def _count(database: Path, sql: str) -> int:
+    conn = sqlite3.connect(database)
+    try:
+        value: int = conn.execute(sql).fetchone()[0]
+        return value
+    finally:
+        conn.close()
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace, Path, Report], None]] = {
+    "ingest": scenario_ingest,
+    "soak": scenario_soak,
+}
+
+
+# --- output -------------------------------------------------------------------------
+
+
+def print_table(report: Report) -> None:
+    header = ("scenario", "req/s", "ratio", "p50 ms", "p99 ms", "RSS MB")
+    rows = [header, *report.rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, row in enumerate(rows):
+        print("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(row)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    for note in report.notes:
+        print(f"note: {note}")
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured load run")
+    parser.add_argument("--soak", type=float, default=60.0, help="seconds of the memory soak")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=300_000, help="tasks seeded per database")
+    parser.add_argument("--quick", action="store_true", help="short runs: a smoke test of the harness")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.soak, args.tasks = 2.0, 8.0, 20_000
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if not shutil.which("wrk"):
+        print("wrk not found: falling back to the Python load generator (figures will be lower)")
+
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="receiver-bench-") as folder:
+        for name in chosen:
+            print(f"running {name} …", flush=True)
+            SCENARIOS[name](args, Path(folder), report)
+    print()
+    print_table(report)
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    document = {
+        "date": stamp,
+        "machine": machine(),
+        "args": vars(args) | {"results": str(args.results)},
+        "figures": report.figures,
+        "notes": report.notes,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{stamp}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nfigures written to {path.relative_to(HERE.parent) if path.is_relative_to(HERE.parent) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
