@@ -51,7 +51,7 @@ class AccessLog:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not log.enabled():
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

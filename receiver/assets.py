@@ -139,7 +139,7 @@ class AssetStore:
 
         Raises InvalidPayload if an inline image is not base64.
         """
-        if not any("b64_json" in image for image in report.images):
+        if not report.has_inline_images:
             return report
         images = []
         for image in report.images:

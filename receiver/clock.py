@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from receiver.types import Clock
 
@@ -28,11 +30,25 @@ class FakeClock:
 
 
 def isoformat(timestamp: float | None) -> str | None:
-    """Unix seconds as `2026-11-21T08:00:00.123Z` (None stays None)."""
+    """Unix seconds as `2026-11-21T08:00:00.123Z` (None stays None).
+
+    Same result as `datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")`, in a
+    fraction of its time: every event body formats several of these.
+    """
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)  # rounded to microseconds first, as datetime does
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return f"{_seconds(int(whole))}.{micros // 1000:03d}Z"
+
+
+@lru_cache(maxsize=4096)
+def _seconds(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def parse_iso(value: str) -> float:

@@ -30,7 +30,10 @@ class Context:
     assets: AssetStore
     url_guard: UrlGuard
 
-    def callback_url(self, task_id: str, *, max_age: int | None = None) -> str:
-        """The signed URL a provider posts `task_id`'s result to."""
-        token = self.signer.mint(task_id, max_age=max_age or self.settings.callback_max_age)
+    def callback_url(self, task_id: str, *, dialect: str, max_age: int | None = None) -> str:
+        """The signed URL a provider posts `task_id`'s result to.
+
+        The token names the callback dialect too (a provider, or `auto`), so a callback can be
+        verified and parsed before the database is touched."""
+        token = self.signer.mint(task_id, max_age=max_age or self.settings.callback_max_age, scope=dialect)
         return f"{self.settings.public_url}/callbacks/{token}"

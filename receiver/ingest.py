@@ -1,12 +1,17 @@
-"""Taking a callback in: token, task, dialect, provider signature, then one durable transaction.
+"""Taking a callback in: token, dialect, provider signature, then one durable transaction.
 
-    outcome = await ingest(ctx, token, body, headers)
+    applied = await ingest(ctx, ctx.signer.open(token), body, headers)
 
-The answer is built only after `record_callback` has committed, so a 200
-always means the callback is on disk. Providers that sign their callbacks
-(Replicate, fal) are checked twice: the URL token, then their own signature
-(`ctx.signatures`), as soon as the dialect is known — before the payload is
-trusted, and for `auto` tasks right after detection.
+The token names the task and its callback dialect, so everything but the
+write happens before the database is touched, and the write is one store
+operation (load the task, detect duplicates, decide, log, outbox) that commits
+before the answer: a 200 always means the callback is on disk. Providers that
+sign their callbacks (Replicate, fal) are checked twice: the URL token, then
+their own signature (`ctx.signatures`), as soon as the dialect is known —
+before the payload is trusted, and for `auto` tasks right after detection. A
+task whose provider is known refuses a payload of another dialect
+(`apply_report`), so an `auto` task that learned its provider from a signed
+callback never takes an unsigned one afterwards.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from receiver.logs import get_logger
 from receiver.providers import dialect_for
 from receiver.providers.base import Answer
 from receiver.providers.signatures import SignatureCheck
+from receiver.signing import Claims
 from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback
 from receiver.tasks import Report, Task
 from receiver.types import JSON
@@ -32,11 +38,6 @@ log = get_logger("receiver.callbacks")
 
 #: Marks a callback-log entry the receiver fetched itself: "poll" or "sync-response".
 SOURCE_HEADER = "x-receiver-source"
-
-
-def verify_token(ctx: Context, token: str) -> str:
-    """The task id the token names (InvalidSignature, CallbackExpired)."""
-    return ctx.signer.verify(token)
 
 
 async def load_task(ctx: Context, task_id: str) -> Task:
@@ -56,21 +57,23 @@ def parse_payload(body: bytes) -> JSON:
     return payload
 
 
-async def ingest(ctx: Context, task_id: str, body: bytes, headers: Mapping[str, str]) -> Applied:
-    """Verify, parse and durably record one callback for `task_id`."""
-    task = await load_task(ctx, task_id)
+async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str, str]) -> Applied:
+    """Verify, parse and durably record one callback for the task `claims` names."""
+    task_id = claims.subject
+    # Tokens minted before they carried the dialect: learn it from the task (one more read).
+    named = claims.scope if claims.scope is not None else (await load_task(ctx, task_id)).provider
     signature = None
-    if task.provider != "auto":  # the dialect is known: check before reading the body
-        signature = await ctx.signatures.check(task.provider, body, headers, task_id=task.id)
+    if named in ctx.signatures:  # the dialect is known and signs: check before reading the body
+        signature = await ctx.signatures.check(named, body, headers, task_id=task_id)
     payload = parse_payload(body)
-    dialect = dialect_for(task.provider, payload)
-    if task.provider == "auto":  # the payload named its dialect: check that dialect's signature
-        signature = await ctx.signatures.check(dialect.name, body, headers, task_id=task.id)
+    dialect = dialect_for(named, payload)
+    if named == "auto" and dialect.name in ctx.signatures:  # the payload named a signing dialect
+        signature = await ctx.signatures.check(dialect.name, body, headers, task_id=task_id)
     report = dialect.parse(payload)
     if signature is SignatureCheck.UNCHECKED:
         report = report.with_warning(ctx.signatures.warning(dialect.name))
     kept = {k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS}
-    return await record(ctx, task.id, body, kept, report, signature=signature)
+    return await record(ctx, task_id, body, kept, report, signature=signature)
 
 
 async def record(
@@ -89,7 +92,8 @@ async def record(
     image bytes. `headers` name the source (`x-receiver-source`) of what was not a callback;
     `signature` is how a callback's provider signature was checked.
     """
-    report = await ctx.assets.inline_images(report)
+    if report.has_inline_images:
+        report = await ctx.assets.inline_images(report)
     callback = IncomingCallback(
         id=new_id("cb", ctx.clock),
         task_id=task_id,

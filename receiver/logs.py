@@ -24,6 +24,8 @@ _SIGNED_QUERY = re.compile(r"([?&](?:sig|signature|token|fal_webhook)=)[^&\s\"']
 
 def redact_path(text: str) -> str:
     """Strip callback and asset tokens and signatures from a path or URL."""
+    if "/callbacks/" not in text and "/assets/" not in text and "=" not in text:
+        return text
     text = _SIGNED_PATH.sub(r"/\1/[redacted]", text)
     return _SIGNED_QUERY.sub(r"\1[redacted]", text)
 
@@ -64,6 +66,9 @@ class Logger:
         if self._logger.isEnabledFor(level):
             exc_info = fields.pop("exc_info", None)
             self._logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+
+    def enabled(self, level: int = logging.INFO) -> bool:
+        return self._logger.isEnabledFor(level)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log(logging.DEBUG, event, fields)

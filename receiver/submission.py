@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import orjson
 
@@ -22,7 +23,7 @@ from receiver.providers.base import Upload
 from receiver.providers.catalog import ValidatedRequest, validate
 from receiver.store.base import IdempotencyKey, Subscription
 from receiver.sync_calls import first_call
-from receiver.tasks import Task, Transition, apply_report, record_refusal, record_submission
+from receiver.tasks import Task, apply_report, record_refusal, record_submission
 from receiver.types import JSON, EventType, TaskState
 
 log = get_logger("receiver.submission")
@@ -118,27 +119,26 @@ async def submit(
 async def _send(ctx: Context, task: Task, uploads: Sequence[Upload]) -> Task:
     provider = ctx.providers.get(task.provider)
     try:
-        submission = await provider.submit(task, ctx.callback_url(task.id), uploads)
+        submission = await provider.submit(task, ctx.callback_url(task.id, dialect=provider.dialect), uploads)
     except ProviderError as exc:
         ctx.metrics.submissions.labels(task.provider, "refused").inc()
         log.warning("task.refused", task_id=task.id, provider=task.provider, code=exc.code, status=exc.status_code)
         error = exc.as_task_error()
-        applied = await ctx.store.transition(task.id, lambda t: record_refusal(t, error, now=ctx.clock()))
+        applied = await ctx.store.transition(task.id, partial(record_refusal, error=error, now=ctx.clock()))
         raise ProviderRefused(exc, applied.task.to_api()) from exc
     ctx.metrics.submissions.labels(task.provider, "accepted").inc()
     upstream = submission.upstream_task_id
     poll_url = submission.poll_url if submission.report is None else None
 
-    def decide(current: Task) -> Transition:
-        now = ctx.clock()
-        jobs = (first_poll(ctx.settings, poll_url, now=now),) if poll_url else ()
-        return record_submission(current, upstream, now=now, jobs=jobs)
-
-    applied = await ctx.store.transition(task.id, decide)
+    now = ctx.clock()
+    jobs = (first_poll(ctx.settings, poll_url, now=now),) if poll_url else ()
+    applied = await ctx.store.transition(
+        task.id, partial(record_submission, upstream_task_id=upstream, now=now, jobs=jobs)
+    )
     log.info("task.submitted", task_id=task.id, provider=task.provider, upstream_task_id=upstream)
     report = submission.report
     if report is not None:
-        applied = await ctx.store.transition(task.id, lambda t: apply_report(t, report, now=ctx.clock()))
+        applied = await ctx.store.transition(task.id, partial(apply_report, report=report, now=ctx.clock()))
     return applied.task
 
 

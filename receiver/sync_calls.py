@@ -18,6 +18,7 @@ again. A graceful shutdown fails the task at once, for the same reason.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from receiver.context import Context
 from receiver.errors import InvalidPayload, ProviderError
@@ -94,4 +95,4 @@ def _garbled(provider: str, message: str) -> JSON:
 
 
 async def _fail(ctx: Context, task_id: str, error: JSON) -> None:
-    await ctx.store.transition(task_id, lambda t: record_refusal(t, error, now=ctx.clock()))
+    await ctx.store.transition(task_id, partial(record_refusal, error=error, now=ctx.clock()))

@@ -13,14 +13,13 @@ the same choices.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from receiver.clock import isoformat
-from receiver.errors import Conflict, TaskMismatch
-from receiver.types import JSON, EventType, TaskState, Verdict
+from receiver.errors import Conflict, InvalidPayload, TaskMismatch
+from receiver.types import JSON, EventType, TaskState, Value, Verdict
 
 _NEXT: dict[TaskState, frozenset[TaskState]] = {
     TaskState.QUEUED: frozenset(TaskState) - {TaskState.QUEUED},
@@ -34,7 +33,7 @@ class IllegalTransition(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Task:
+class Task(Value):
     """A generation task as stored. `to_api()` gives the contract's JSON shape."""
 
     id: str
@@ -59,9 +58,6 @@ class Task:
     def terminal(self) -> bool:
         return self.state.terminal
 
-    def replace(self, **changes: Any) -> Task:
-        return dataclasses.replace(self, **changes)
-
     def to_api(self) -> JSON:
         return {
             "id": self.id,
@@ -84,7 +80,7 @@ class Task:
 
 
 @dataclass(frozen=True, slots=True)
-class Report:
+class Report(Value):
     """What a provider said about a task, in any dialect, normalised.
 
     `state` is one of submitted, running, succeeded, failed (or cancelled when
@@ -100,8 +96,13 @@ class Report:
     dialect: str | None = None
     warnings: tuple[str, ...] = ()
 
+    @property
+    def has_inline_images(self) -> bool:
+        """Does an image carry its bytes (`b64_json`) rather than a URL?"""
+        return any("b64_json" in image for image in self.images)
+
     def with_warning(self, warning: str) -> Report:
-        return dataclasses.replace(self, warnings=(*self.warnings, warning))
+        return self.replace(warnings=(*self.warnings, warning))
 
     def result(self) -> JSON | None:
         if self.state is not TaskState.SUCCEEDED:
@@ -119,7 +120,7 @@ class JobSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Transition:
+class Transition(Value):
     """The outcome of a decision: the task to write (None: unchanged), events to emit
     and jobs to schedule. When the task turns terminal, its other jobs are dropped."""
 
@@ -130,10 +131,10 @@ class Transition:
     jobs: tuple[JobSpec, ...] = ()
 
     def with_jobs(self, *jobs: JobSpec) -> Transition:
-        return dataclasses.replace(self, jobs=self.jobs + jobs)
+        return self.replace(jobs=self.jobs + jobs)
 
     def with_events(self, events: tuple[EventType, ...]) -> Transition:
-        return dataclasses.replace(self, events=events)
+        return self.replace(events=events)
 
     @property
     def changed(self) -> bool:
@@ -163,8 +164,15 @@ def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = Fa
     """Decide what `report` does to `task`.
 
     Raises TaskMismatch when the report names another upstream task than the
-    one already bound to `task` (the request is refused and nothing stored).
+    one already bound to `task`, and InvalidPayload when it is written in another
+    dialect than the task's provider speaks (the request is refused and nothing
+    stored).
     """
+    if report.dialect is not None and task.provider != "auto" and report.dialect != task.provider:
+        raise InvalidPayload(
+            f"Task {task.id} takes {task.provider} callbacks; this payload is {report.dialect}.",
+            details={"task_id": task.id, "provider": task.provider, "dialect": report.dialect},
+        )
     if duplicate:
         return Transition(None, verdict=Verdict.DUPLICATE, reason="duplicate")
     named = report.upstream_task_id

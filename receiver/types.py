@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 JSON = dict[str, Any]
 
@@ -62,6 +62,23 @@ class Verdict(enum.StrEnum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     IGNORED = "ignored"
+
+
+class Value:
+    """Base of the frozen, slotted dataclasses on hot paths: a `replace` and a pickling that skip
+    `dataclasses`' per-call field introspection (values cross into the SQLite writer process and
+    are rebuilt at every state change)."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), tuple(getattr(self, name) for name in self.__dataclass_fields__))
+
+    def replace(self, **changes: Any) -> Self:
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        values.update(changes)
+        return type(self)(**values)
 
 
 class Clock(Protocol):

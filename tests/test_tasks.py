@@ -186,3 +186,26 @@ def test_submission_schedules_its_jobs_unless_the_task_is_over() -> None:
     assert running.jobs == (poll,) and running.task is not None  # written, so the jobs are scheduled
     cancelled = record_submission(task(TaskState.CANCELLED), "up-1", now=NOW, jobs=[poll])
     assert cancelled.jobs == () and cancelled.task is None
+
+
+def test_a_task_refuses_reports_of_another_dialect() -> None:
+    from receiver.errors import InvalidPayload
+
+    report = Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,), dialect="kling")
+    with pytest.raises(InvalidPayload) as caught:
+        apply_report(task(), report, now=NOW)
+    assert caught.value.details == {"task_id": "tsk_1", "provider": "xhuoapi", "dialect": "kling"}
+    # An `auto` task takes any dialect, and adopts it.
+    adopted = apply_report(task(provider="auto"), report, now=NOW).task
+    assert adopted is not None and adopted.provider == "kling"
+
+
+def test_values_replace_and_pickle_cheaply() -> None:
+    import pickle
+
+    original = task()
+    assert pickle.loads(pickle.dumps(original)) == original
+    changed = original.replace(sequence=9, warnings=("w",))
+    assert (changed.sequence, changed.warnings, changed.id) == (9, ("w",), original.id)
+    with pytest.raises(TypeError):
+        original.replace(colour="red")

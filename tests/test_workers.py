@@ -56,7 +56,7 @@ async def test_a_silent_task_expires_by_the_injected_clock(tmp_path: Path, fake_
 
         # A result that arrives after expiry is logged and ignored; the task stays expired.
         late = {"success": True, "task_id": task["upstream_task_id"], "data": {"data": [{"url": "https://a/b.png"}]}}
-        callback_url = running.ctx.callback_url(task["id"])
+        callback_url = running.ctx.callback_url(task["id"], dialect="xhuoapi")
         ignored = await running.post_callback(callback_url, late)
         assert ignored.status_code == 200 and ignored.json()["ignored"] is True
         assert (await running.api.get(f"/v1/tasks/{task['id']}")).json()["state"] == "expired"

@@ -7,7 +7,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.errors import ApiError, json_response
-from receiver.ingest import ingest, verify_token
+from receiver.ingest import ingest
 from receiver.logs import get_logger
 from receiver.routes import context, read_body
 from receiver.types import Verdict
@@ -18,9 +18,9 @@ log = get_logger("receiver.callbacks")
 async def receive_callback(request: Request) -> Response:
     ctx = context(request)
     try:
-        task_id = verify_token(ctx, request.path_params["token"])
+        claims = ctx.signer.open(request.path_params["token"])
         body = await read_body(request, ctx.settings.max_body_bytes)
-        applied = await ingest(ctx, task_id, body, request.headers)
+        applied = await ingest(ctx, claims, body, request.headers)
     except ApiError as exc:
         ctx.metrics.callbacks.labels(exc.code).inc()
         log.info("callback.refused", code=exc.code, status=exc.status_code)

@@ -8,7 +8,7 @@ import re
 
 from receiver.errors import InvalidRequest
 
-_ID = re.compile(r"^[a-z]+_[0-9a-z]{26}$")
+_ID = re.compile(r"^[a-z]+_[0-9a-f]{32}$")
 
 
 def encode(last_id: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -101,7 +102,7 @@ async def list_callbacks(request: Request) -> Response:
 
 async def cancel_task(request: Request) -> Response:
     ctx = context(request)
-    applied = await ctx.store.transition(request.path_params["task_id"], lambda t: cancel(t, now=ctx.clock()))
+    applied = await ctx.store.transition(request.path_params["task_id"], partial(cancel, now=ctx.clock()))
     return json_response(applied.task.to_api())
 
 
@@ -138,7 +139,7 @@ async def create_callback_url(request: Request) -> Response:
         expires_at=now + (expires_in or ctx.settings.task_timeout),
     )
     created = await ctx.store.create_task(task, events=(EventType.SUBMITTED,))
-    url = ctx.callback_url(task.id, max_age=lifetime)
+    url = ctx.callback_url(task.id, dialect=task.provider, max_age=lifetime)
     return json_response({"task": created.task.to_api(), "callback_url": url}, 201)
 
 

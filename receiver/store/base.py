@@ -19,7 +19,7 @@ import orjson
 from receiver.broadcast import ChangeFeed
 from receiver.clock import isoformat
 from receiver.tasks import JobSpec, Report, Task, Transition
-from receiver.types import JSON, DeliveryStatus, EventType, TaskState, Verdict
+from receiver.types import JSON, DeliveryStatus, EventType, TaskState, Value, Verdict
 
 Decide = Callable[[Task], Transition]
 
@@ -58,7 +58,7 @@ class CreatedTask:
 
 
 @dataclass(frozen=True, slots=True)
-class IncomingCallback:
+class IncomingCallback(Value):
     """A callback as received, before any decision."""
 
     id: str
@@ -105,7 +105,7 @@ class StoredCallback:
 
 
 @dataclass(frozen=True, slots=True)
-class Applied:
+class Applied(Value):
     """What a committed transition did."""
 
     task: Task  # the task after the change (or as it is, if unchanged)

@@ -12,7 +12,7 @@ rows for the same change and only the SQL differs:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -72,7 +72,15 @@ class EventRow:
     created_at: float
 
     def params(self) -> dict[str, Any]:
-        return asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies every field, and this runs once per event.
+        return {
+            "id": self.id,
+            "task_id": self.task_id,
+            "type": self.type,
+            "sequence": self.sequence,
+            "body": self.body,
+            "created_at": self.created_at,
+        }
 
 
 def new_event(event_type: EventType, body: bytes, task: Task | None, now: float) -> EventRow:
