@@ -17,7 +17,7 @@ ReceiverError
 │   ├── ProviderRefused        502 with the provider's error and the failed task
 │   └── SignatureKeysUnavailable  503 provider_keys_unavailable (Retry-After)
 ├── ProviderError              an upstream call failed (refused, unreachable, garbled)
-└── StoreError                 the database could not do what was asked
+└── StoreError                 the database could not do what was asked (503 store_unavailable)
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ log = get_logger("receiver.errors")
 
 class ReceiverError(Exception):
     """Base class of every error the receiver raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other constructor arguments than `args`; travel as class + state (the
+        # SQLite writer runs in its own process and sends errors back).
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
+
+def _rebuilt(cls: type[ReceiverError], args: tuple[Any, ...], state: dict[str, Any]) -> ReceiverError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class ApiError(ReceiverError):
@@ -261,6 +273,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return json_response({"error": {"code": code, "message": message}}, exc.status_code, exc.headers)
 
 
+async def _store_error(request: Request, exc: Exception) -> Response:
+    # The database is down or its writer is restarting: the request may be retried, and nothing
+    # was acknowledged, so nothing is lost.
+    log.error("request.store_unavailable", path=redact_path(request.url.path), error=str(exc)[:300])
+    body = {"error": {"code": "store_unavailable", "message": "The database is not available; retry shortly."}}
+    return json_response(body, 503, {"retry-after": "1"})
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("request.crashed", path=redact_path(request.url.path), error=repr(exc)[:300])
     body = {"error": {"code": "internal_error", "message": "The receiver failed to handle this request."}}
@@ -269,6 +289,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: _api_error,
+    StoreError: _store_error,
     HTTPException: _http_error,
     Exception: _server_error,
 }

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from receiver.broadcast import ChangeFeed
 from receiver.context import Context
+from receiver.errors import StoreError
 from receiver.logs import get_logger
 
 log = get_logger("receiver.workers")
@@ -63,6 +64,9 @@ class Workers:
                 pause = await worker.step()
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:  # the database is away for a moment: try again later
+                log.warning("worker.store_unavailable", worker=worker.name, error=str(exc)[:300])
+                pause = min(1.0, worker.idle)
             except Exception as exc:  # one bad step must not end the worker
                 log.error("worker.failed", worker=worker.name, error=repr(exc)[:500], exc_info=True)
                 pause = worker.idle

@@ -8,6 +8,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -28,7 +29,7 @@ from receiver.store.base import (
 )
 from receiver.store.postgres import ConnectTarget, PostgresStore, parse_url
 from receiver.store.sqlite import SQLiteStore
-from receiver.tasks import JobSpec, Report, Task, apply_report, cancel, record_submission
+from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, cancel, record_submission
 from receiver.types import DeliveryStatus, EventType, TaskState, Verdict
 from tests.conftest import POSTGRES_URL, needs_postgres, postgres_database
 
@@ -98,10 +99,23 @@ def callback(task: Task, body: bytes = b'{"success": true}') -> IncomingCallback
 def subscription(events=("*",), **changes) -> Subscription:
     now = time.time()
     base = Subscription(
-        id=new_id("sub"), url="http://127.0.0.1:9/hook", events=tuple(events), secret="whsec_c2VjcmV0",
-        created_at=now, updated_at=now,
+        id=new_id("sub"),
+        url="http://127.0.0.1:9/hook",
+        events=tuple(events),
+        secret="whsec_c2VjcmV0",
+        created_at=now,
+        updated_at=now,
     )
     return base.replace(**changes) if changes else base
+
+
+def succeed(task: Task, *, now: float, jobs: tuple[JobSpec, ...] = ()) -> Transition:
+    """A decision (module-level, so it can travel to the SQLite writer): the task succeeded."""
+    return apply_report(task, succeeded(task.upstream_task_id), now=now).with_jobs(*jobs)
+
+
+def boom(task: Task) -> Transition:
+    raise RuntimeError("decided badly")
 
 
 def succeeded(upstream: str | None = "up-1") -> Report:
@@ -111,7 +125,9 @@ def succeeded(upstream: str | None = "up-1") -> Report:
 async def submitted(store: Store, **changes) -> Task:
     task = make_task(**changes)
     await store.create_task(task)
-    applied = await store.transition(task.id, lambda t: record_submission(t, "up-" + task.id, now=time.time()))
+    applied = await store.transition(
+        task.id, partial(record_submission, upstream_task_id="up-" + task.id, now=time.time())
+    )
     return applied.task
 
 
@@ -150,7 +166,7 @@ async def test_transitions_are_written_with_their_events(store: Store) -> None:
     sub = await store.create_subscription(subscription(events=("task.succeeded",)))
     everything = await store.create_subscription(subscription())
     task = await submitted(store)
-    applied = await store.transition(task.id, lambda t: apply_report(t, succeeded(t.upstream_task_id), now=time.time()))
+    applied = await store.transition(task.id, partial(succeed, now=time.time()))
     assert applied.task.state is TaskState.SUCCEEDED and applied.task.sequence == 3
     assert applied.deliveries == 2
     deliveries = await store.list_deliveries(DeliveryQuery(task_id=task.id))
@@ -166,14 +182,11 @@ async def test_transitions_are_written_with_their_events(store: Store) -> None:
 async def test_a_failed_decision_writes_nothing(store: Store) -> None:
     task = await submitted(store)
 
-    def boom(t: Task):
-        raise RuntimeError("decided badly")
-
     with pytest.raises(RuntimeError):
         await store.transition(task.id, boom)
     assert await store.get_task(task.id) == task
     with pytest.raises(NotFound):
-        await store.transition("tsk_missing", lambda t: cancel(t, now=time.time()))
+        await store.transition("tsk_missing", partial(cancel, now=time.time()))
 
 
 async def test_callbacks_are_logged_with_their_verdict(store: Store) -> None:
@@ -237,7 +250,7 @@ async def test_listing_filters_and_pages(store: Store) -> None:
     only = await store.list_tasks(TaskQuery(provider="other", limit=10))
     assert {t.id for t in only} == {tasks[0].id, tasks[2].id, tasks[4].id}
     done = await submitted(store)
-    await store.transition(done.id, lambda t: cancel(t, now=time.time()))
+    await store.transition(done.id, partial(cancel, now=time.time()))
     assert [t.id for t in await store.list_tasks(TaskQuery(state=TaskState.CANCELLED))] == [done.id]
     assert [t.id for t in await store.list_tasks(TaskQuery(upstream_task_id=done.upstream_task_id))] == [done.id]
 
@@ -273,7 +286,7 @@ async def test_expiry_sweeps_expire_due_tasks_once(store: Store) -> None:
 async def test_changes_are_published_after_commit(store: Store) -> None:
     task = await submitted(store)
     with store.feed.listen(task.id) as changes:
-        await store.transition(task.id, lambda t: cancel(t, now=time.time()))
+        await store.transition(task.id, partial(cancel, now=time.time()))
         published = await asyncio.wait_for(changes.get(), 1)
     assert published.state is TaskState.CANCELLED
     assert (await store.get_task(task.id)) == published
@@ -281,9 +294,7 @@ async def test_changes_are_published_after_commit(store: Store) -> None:
 
 async def test_concurrent_writes_all_land(store: Store) -> None:
     tasks = [await submitted(store) for _ in range(40)]
-    results = await asyncio.gather(
-        *(store.record_callback(callback(t), succeeded(t.upstream_task_id)) for t in tasks)
-    )
+    results = await asyncio.gather(*(store.record_callback(callback(t), succeeded(t.upstream_task_id)) for t in tasks))
     assert all(r.task.state is TaskState.SUCCEEDED for r in results)
     counts = await store.counts()
     assert counts["tasks"]["succeeded"] == 40
@@ -333,8 +344,8 @@ async def test_notify_subscriptions_are_task_scoped(store: Store) -> None:
     await store.create_task(task, notify_subscription=scoped)
     other = make_task()
     await store.create_task(other)
-    await store.transition(other.id, lambda t: cancel(t, now=time.time()))
-    await store.transition(task.id, lambda t: cancel(t, now=time.time()))
+    await store.transition(other.id, partial(cancel, now=time.time()))
+    await store.transition(task.id, partial(cancel, now=time.time()))
     deliveries = await store.list_deliveries(DeliveryQuery(subscription_id=scoped.id))
     assert [d.task_id for d in deliveries] == [task.id]
     assert await store.list_subscriptions() == []
@@ -344,7 +355,7 @@ async def test_notify_subscriptions_are_task_scoped(store: Store) -> None:
 async def test_deliveries_go_in_sequence_per_task(store: Store) -> None:
     sub = await store.create_subscription(subscription())
     a = await submitted(store)  # task.submitted pending for `a`
-    await store.transition(a.id, lambda t: apply_report(t, Report(TaskState.RUNNING), now=time.time()))
+    await store.transition(a.id, partial(apply_report, report=Report(TaskState.RUNNING), now=time.time()))
     b = await submitted(store)
     now = time.time() + 1
     claimed = await store.claim_deliveries(now=now, limit=10, owner="w1", lease_seconds=30)
@@ -413,7 +424,7 @@ async def test_released_deliveries_go_back_unsent(store: Store) -> None:
 async def test_next_due_counts_the_first_in_line_and_leases(store: Store) -> None:
     await store.create_subscription(subscription())
     task = await submitted(store)
-    await store.transition(task.id, lambda t: apply_report(t, Report(TaskState.RUNNING), now=time.time()))
+    await store.transition(task.id, partial(apply_report, report=Report(TaskState.RUNNING), now=time.time()))
     now = time.time() + 1
     [first] = await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=30)
     # In flight: due when its lease ends, and the event behind it does not count.
@@ -535,7 +546,7 @@ async def test_terminal_tasks_drop_their_jobs(store: Store) -> None:
     task = make_task()
     await store.create_task(task)
     await store.schedule_job(task.id, "poll", run_at=time.time(), payload={})
-    await store.transition(task.id, lambda t: cancel(t, now=time.time()))
+    await store.transition(task.id, partial(cancel, now=time.time()))
     assert await store.claim_jobs(["poll"], now=time.time() + 1, limit=5, owner="w", lease_seconds=30) == []
 
 
@@ -544,7 +555,7 @@ async def test_transitions_schedule_jobs(store: Store) -> None:
     now = time.time()
     await store.transition(
         task.id,
-        lambda t: apply_report(t, succeeded(t.upstream_task_id), now=now).with_jobs(JobSpec("mirror", now, {})),
+        partial(succeed, now=now, jobs=(JobSpec("mirror", now, {}),)),
     )
     [job] = await store.claim_jobs(["mirror"], now=now + 1, limit=5, owner="w", lease_seconds=30)
     assert job.task_id == task.id
@@ -619,10 +630,20 @@ async def reaches(changes: asyncio.Queue[Task], state: TaskState, timeout: float
     ("url", "dsn", "schema", "pool_size"),
     [
         pytest.param("postgresql://u@h/db", "postgresql://u@h/db", None, 10, id="plain"),
-        pytest.param("postgres://u:p%40w@h:5433/db?schema=s_1&pool_size=3", "postgres://u:p%40w@h:5433/db", "s_1", 3,
-                     id="receiver-parameters-removed"),
-        pytest.param("postgresql://h/db?sslmode=require&schema=x", "postgresql://h/db?sslmode=require", "x", 10,
-                     id="others-kept-for-asyncpg"),
+        pytest.param(
+            "postgres://u:p%40w@h:5433/db?schema=s_1&pool_size=3",
+            "postgres://u:p%40w@h:5433/db",
+            "s_1",
+            3,
+            id="receiver-parameters-removed",
+        ),
+        pytest.param(
+            "postgresql://h/db?sslmode=require&schema=x",
+            "postgresql://h/db?sslmode=require",
+            "x",
+            10,
+            id="others-kept-for-asyncpg",
+        ),
     ],
 )
 async def test_postgres_urls(url: str, dsn: str, schema: str | None, pool_size: int) -> None:
@@ -713,7 +734,7 @@ async def test_postgres_instances_keep_each_tasks_events_in_order() -> None:
     async with instances() as (a, b):
         await a.create_subscription(subscription())
         task = await submitted(a)
-        await a.transition(task.id, lambda t: apply_report(t, Report(TaskState.RUNNING), now=time.time()))
+        await a.transition(task.id, partial(apply_report, report=Report(TaskState.RUNNING), now=time.time()))
         now = time.time() + 1
         [first] = await a.claim_deliveries(now=now, limit=10, owner="a", lease_seconds=30)
         assert first.delivery.event_type == "task.submitted"
@@ -739,8 +760,11 @@ async def test_postgres_a_dead_instances_leases_are_taken_over() -> None:
         [taken] = await survivor.claim_deliveries(now=now + 31, limit=5, owner="survivor", lease_seconds=30)
         [retaken] = await survivor.claim_jobs(["poll"], now=now + 31, limit=5, owner="survivor", lease_seconds=30)
         # The same delivery of the same event, byte for byte: a resend keeps its webhook-id.
-        assert (taken.delivery.id, taken.delivery.event_id, taken.body) == (held.delivery.id, held.delivery.event_id,
-                                                                           held.body)
+        assert (taken.delivery.id, taken.delivery.event_id, taken.body) == (
+            held.delivery.id,
+            held.delivery.event_id,
+            held.body,
+        )
         assert retaken.id == job.id
         ok = AttemptOutcome(Attempt(at=now + 31, status_code=200, latency_ms=1), DeliveryStatus.SUCCEEDED)
         await survivor.finish_attempt(taken.delivery.id, "survivor", ok)
@@ -769,7 +793,7 @@ async def test_postgres_a_commit_on_one_instance_reaches_the_others() -> None:
         await a.create_subscription(subscription())
         task = await submitted(a)
         with a.feed.listen(task.id) as on_a, b.feed.listen(task.id) as on_b:
-            await a.transition(task.id, lambda t: cancel(t, now=time.time()))
+            await a.transition(task.id, partial(cancel, now=time.time()))
             seen = await reaches(on_b, TaskState.CANCELLED)
             assert seen.sequence == 3
             assert seen == await b.get_task(task.id)
@@ -799,7 +823,7 @@ async def test_postgres_the_listener_survives_a_terminated_connection(logs, monk
         with b.feed.listen(task.id) as on_b:
             assert await a._fetch("SELECT pg_terminate_backend($1)", pid)
             await eventually(lambda: listener.conn is None)
-            await a.transition(task.id, lambda t: cancel(t, now=time.time()))  # b misses this NOTIFY
+            await a.transition(task.id, partial(cancel, now=time.time()))  # b misses this NOTIFY
             reconnect.set()
             # The catch-up after reconnecting republishes what changed meanwhile and wakes the workers.
             await reaches(on_b, TaskState.CANCELLED, timeout=10)
@@ -808,5 +832,5 @@ async def test_postgres_the_listener_survives_a_terminated_connection(logs, monk
         assert logs.events("store.listener_lost") and logs.events("store.listener_restored")
         later = await submitted(a)
         with b.feed.listen(later.id) as on_b:
-            await a.transition(later.id, lambda t: cancel(t, now=time.time()))
+            await a.transition(later.id, partial(cancel, now=time.time()))
             await reaches(on_b, TaskState.CANCELLED)  # and it listens again

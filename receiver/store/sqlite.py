@@ -12,15 +12,11 @@ Reads use a separate aiosqlite connection; WAL lets them run beside writes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import queue
 import sqlite3
-import threading
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 
@@ -71,149 +67,14 @@ from receiver.store.rows import (
     task_from_row,
     task_params,
 )
+from receiver.store.writer import Op, WriterProcess
 from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, expire
 from receiver.types import JSON, TERMINAL_STATES, Clock, DeliveryStatus, EventType, TaskState
-
-T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
 
 log = get_logger("receiver.store")
 
 _MAX_BATCH = 512
 _OPEN_STATES = tuple(s.value for s in TaskState if s not in TERMINAL_STATES)
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # a 200 means the callback survives power loss
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
-
-
-class _Writer:
-    """One connection, one thread; everything queued when it is free shares a commit."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
-        self.batches = 0  # commits made (for the benchmark and tests)
-        self.operations = 0
-
-    async def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="receiver-sqlite-writer", daemon=True)
-        self._thread.start()
-        await asyncio.to_thread(self._ready.wait)
-        if self._startup_error is not None:
-            raise StoreError(f"cannot open the SQLite database: {self._startup_error}") from self._startup_error
-
-    async def stop(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            await asyncio.to_thread(self._thread.join)
-
-    async def run(self, op: Op) -> Any:
-        if self._thread is None or not self._thread.is_alive():
-            raise StoreError("the SQLite writer is not running")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((op, future, loop))
-        return await future
-
-    def _run(self) -> None:
-        try:
-            conn = _connect(self._path)
-        except BaseException as exc:
-            self._startup_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            stopping = False
-            while not stopping:
-                item = self._queue.get()
-                if item is None:
-                    break
-                batch = [item]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stopping = True
-                        break
-                    batch.append(more)
-                self._commit(conn, batch)
-        finally:
-            conn.close()
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any], Any]]) -> None:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self._resolve([(fut, None, StoreError(str(exc))) for _, fut, _ in batch], batch)
-            return
-        alone = len(batch) == 1
-        for op, future, _ in batch:
-            if not alone:
-                conn.execute("SAVEPOINT op")
-            try:
-                value = op(conn)
-            except BaseException as exc:  # the op's own writes are undone; the batch goes on
-                if alone:
-                    conn.execute("ROLLBACK")
-                    conn.execute("BEGIN IMMEDIATE")
-                else:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                if isinstance(exc, sqlite3.Error):
-                    exc = StoreError(str(exc))
-                outcomes.append((future, None, exc))
-            else:
-                if not alone:
-                    conn.execute("RELEASE op")
-                outcomes.append((future, value, None))
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            failure = StoreError(f"commit failed: {exc}")
-            outcomes = [(fut, None, failure) for fut, _, _ in outcomes]
-        self.batches += 1
-        self.operations += len(batch)
-        self._resolve(outcomes, batch)
-
-    @staticmethod
-    def _resolve(
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
-        batch: list[tuple[Op, asyncio.Future[Any], Any]],
-    ) -> None:
-        loops: dict[Any, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
-        for outcome, (_, _, loop) in zip(outcomes, batch, strict=True):
-            loops.setdefault(loop, []).append(outcome)
-        for loop, items in loops.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-                loop.call_soon_threadsafe(_settle, items)
-
-
-def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, value, error in items:
-        if future.done():  # the caller went away (cancelled); the write stands
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
 
 
 class SQLiteStore:
@@ -225,7 +86,7 @@ class SQLiteStore:
         self.path = str(path)
         self.clock = clock
         self.feed = feed or ChangeFeed()
-        self._writer = _Writer(self.path)
+        self._writer = WriterProcess(self.path)
         self._reader: aiosqlite.Connection | None = None
 
     @property
@@ -338,12 +199,12 @@ class SQLiteStore:
         return [task_from_row(row) for row in await self._read(sql, params)]
 
     async def transition(self, task_id: str, decide: Decide) -> Applied:
-        applied: Applied = await self._write(partial(_transition, task_id=task_id, decide=decide, now=self.clock))
+        applied: Applied = await self._write(partial(_transition, task_id=task_id, decide=decide, now=self.clock()))
         return self._published(applied)
 
     async def record_callback(self, callback: IncomingCallback, report: Report) -> Applied:
         applied: Applied = await self._write(
-            partial(_record_callback, callback=callback, report=report, now=self.clock)
+            partial(_record_callback, callback=callback, report=report, now=self.clock())
         )
         return self._published(applied)
 
@@ -672,12 +533,12 @@ def _insert_event(
     return len(deliveries)
 
 
-def _transition(conn: sqlite3.Connection, *, task_id: str, decide: Decide, now: Clock) -> Applied:
+def _transition(conn: sqlite3.Connection, *, task_id: str, decide: Decide, now: float) -> Applied:
     task = _load_task(conn, task_id)
-    return _apply(conn, task, decide(task), now())
+    return _apply(conn, task, decide(task), now)
 
 
-def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, report: Report, now: Clock) -> Applied:
+def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, report: Report, now: float) -> Applied:
     task = _load_task(conn, callback.task_id)
     duplicate = (
         conn.execute(
@@ -686,8 +547,7 @@ def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, re
         ).fetchone()
         is not None
     )
-    moment = now()
-    applied = _apply(conn, task, apply_report(task, report, now=moment, duplicate=duplicate), moment)
+    applied = _apply(conn, task, apply_report(task, report, now=now, duplicate=duplicate), now)
     conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
 

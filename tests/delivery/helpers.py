@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 from receiver.fakes.subscriber import FakeSubscriber
@@ -39,9 +40,7 @@ async def sink(**options: Any) -> AsyncIterator[tuple[FakeSubscriber, str]]:
 
 
 async def subscribe(running: Running, url: str, *, events: list[str] | None = None, secret: str = SECRET) -> Any:
-    answer = await running.api.post(
-        "/v1/subscriptions", json={"url": url, "events": events or ["*"], "secret": secret}
-    )
+    answer = await running.api.post("/v1/subscriptions", json={"url": url, "events": events or ["*"], "secret": secret})
     assert answer.status_code == 201, answer.text
     return answer.json()
 
@@ -55,7 +54,7 @@ async def new_task(running: Running, **metadata: Any) -> tuple[Any, str]:
 
 async def set_running(running: Running, task_id: str) -> None:
     await running.ctx.store.transition(
-        task_id, lambda t: apply_report(t, Report(TaskState.RUNNING), now=running.ctx.clock())
+        task_id, partial(apply_report, report=Report(TaskState.RUNNING), now=running.ctx.clock())
     )
 
 

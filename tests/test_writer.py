@@ -1,0 +1,149 @@
+"""The SQLite writer process: batches, failures, and a writer that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from receiver.errors import NotFound, StoreError
+from receiver.store.writer import WriterProcess
+
+pytestmark = pytest.mark.anyio
+
+
+def create(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY, label TEXT)")
+
+
+def insert(conn: sqlite3.Connection, *, x: int, label: str = "") -> int:
+    conn.execute("INSERT INTO t (x, label) VALUES (?, ?)", (x, label))
+    return x
+
+
+def insert_then_fail(conn: sqlite3.Connection, *, x: int) -> None:
+    conn.execute("INSERT INTO t (x) VALUES (?)", (x,))
+    raise NotFound(f"no {x}", code="thing_not_found", details={"x": x})
+
+
+def count(conn: sqlite3.Connection) -> int:
+    value: int = conn.execute("SELECT count(*) FROM t").fetchone()[0]
+    return value
+
+
+def pid_of_writer(writer: WriterProcess) -> int:
+    assert writer._pid is not None
+    return writer._pid
+
+
+async def started(path: Path) -> WriterProcess:
+    writer = WriterProcess(str(path))
+    await writer.start()
+    await writer.run(create)
+    return writer
+
+
+async def test_concurrent_operations_share_commits(tmp_path: Path) -> None:
+    writer = await started(tmp_path / "w.db")
+    try:
+        results = await asyncio.gather(*(writer.run(partial(insert, x=i)) for i in range(300)))
+        assert results == list(range(300))
+        assert await writer.run(count) == 300
+        assert writer.batches < writer.operations / 4
+    finally:
+        await writer.stop()
+
+
+async def test_a_failing_operation_is_undone_alone_and_keeps_its_error(tmp_path: Path) -> None:
+    writer = await started(tmp_path / "w.db")
+    try:
+        outcomes = await asyncio.gather(
+            writer.run(partial(insert, x=1)),
+            writer.run(partial(insert_then_fail, x=2)),
+            writer.run(partial(insert, x=1)),  # a constraint violation: a StoreError
+            writer.run(partial(insert, x=3)),
+            return_exceptions=True,
+        )
+        assert outcomes[0] == 1 and outcomes[3] == 3
+        assert isinstance(outcomes[1], NotFound)
+        assert (outcomes[1].code, outcomes[1].details) == ("thing_not_found", {"x": 2})
+        assert isinstance(outcomes[2], StoreError)
+        assert await writer.run(count) == 2  # 2 was rolled back with its operation
+    finally:
+        await writer.stop()
+
+
+async def test_operations_must_be_picklable(tmp_path: Path) -> None:
+    writer = await started(tmp_path / "w.db")
+    try:
+        with pytest.raises(TypeError, match="picklable"):
+            await writer.run(lambda conn: None)
+        assert await writer.run(partial(insert, x=5)) == 5  # the writer is unharmed
+    finally:
+        await writer.stop()
+
+
+async def test_a_writer_that_dies_is_replaced(tmp_path: Path) -> None:
+    writer = await started(tmp_path / "w.db")
+    try:
+        await writer.run(partial(insert, x=1))
+        os.kill(pid_of_writer(writer), signal.SIGKILL)
+        with pytest.raises(StoreError):
+            for i in range(100, 10_000):  # fails from the moment the death is noticed
+                await writer.run(partial(insert, x=i))
+                await asyncio.sleep(0.001)
+        for _ in range(500):  # a new writer takes over shortly
+            try:
+                assert await writer.run(count) >= 1
+                break
+            except StoreError:
+                await asyncio.sleep(0.01)
+        else:
+            pytest.fail("no new writer started")
+        assert await writer.run(partial(insert, x=2)) == 2
+    finally:
+        await writer.stop()
+
+
+async def test_stopping_ends_the_writer_process(tmp_path: Path) -> None:
+    writer = await started(tmp_path / "w.db")
+    pid = pid_of_writer(writer)
+    await writer.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(StoreError):
+        await writer.run(count)
+
+
+async def test_a_database_that_cannot_open_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StoreError, match="cannot open"):
+        await WriterProcess(str(tmp_path / "dir.db")).start()
+
+
+async def test_the_api_answers_503_while_the_writer_is_replaced(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.conftest import start_receiver
+
+    async with start_receiver(tmp_path) as running, httpx.AsyncClient(
+        base_url=running.url, headers=dict(running.api.headers)
+    ) as api:  # running.api refuses every 5xx; this test expects 503s
+        writer = running.ctx.store._writer  # type: ignore[attr-defined]
+        os.kill(pid_of_writer(writer), signal.SIGKILL)
+        statuses = set()
+        for _ in range(400):
+            answer = await api.post("/v1/callback-urls", json={"provider": "xhuoapi"})
+            statuses.add(answer.status_code)
+            if answer.status_code == 503:
+                assert answer.json()["error"]["code"] == "store_unavailable"
+                assert answer.headers["retry-after"] == "1"
+            if answer.status_code == 201 and 503 in statuses:
+                break
+            await asyncio.sleep(0.005)
+        assert statuses <= {201, 503} and 201 in statuses
