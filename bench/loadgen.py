@@ -86,16 +86,24 @@ class _Connection:
 
 
 async def closed_loop(
-    host: str, port: int, next_request: Callable[[], bytes], *, connections: int, duration: float
+    host: str,
+    port: int,
+    next_request: Callable[[], bytes],
+    *,
+    connections: int,
+    duration: float,
+    total: int | None = None,
 ) -> Result:
-    """`connections` clients sending back to back for `duration` seconds."""
+    """`connections` clients sending back to back for `duration` seconds (or `total` requests)."""
     result = Result(started=time.perf_counter())
-    deadline = result.started + duration
+    deadline = result.started + duration if total is None else float("inf")
+    budget = [total if total is not None else 10**18]
 
     async def client() -> None:
         conn = _Connection(host, port)
         try:
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline and budget[0] > 0:
+                budget[0] -= 1
                 sent = time.perf_counter()
                 try:
                     status = await conn.send(next_request())

@@ -232,7 +232,8 @@ def wrk(port: int, urls: Urls, *, connections: int, duration: float, threads: in
     return Load(total, seconds, total - bad, error_count + bad, p50, p99, "wrk")
 
 
-def python_load(port: int, urls: Urls, *, connections: int, duration: float) -> Load:
+def python_load(port: int, urls: Urls, *, connections: int, duration: float, total: int | None = None) -> Load:
+    """The Python load generator: for `duration` seconds, or until `total` requests were sent."""
     paths = urls.path.read_text().split()
     counter = iter(range(urls.cursor, 10**12))
 
@@ -240,7 +241,7 @@ def python_load(port: int, urls: Urls, *, connections: int, duration: float) -> 
         return loadgen.request_bytes("127.0.0.1", port, paths[next(counter) % len(paths)], BODY)
 
     result = asyncio.run(
-        loadgen.closed_loop("127.0.0.1", port, next_request, connections=connections, duration=duration)
+        loadgen.closed_loop("127.0.0.1", port, next_request, connections=connections, duration=duration, total=total)
     )
     return Load(
         result.count,
@@ -379,6 +380,137 @@ def scenario_soak(args: argparse.Namespace, work: Path, report: Report) -> None:
     )
 
 
+@contextmanager
+def sink(work: Path, ports: int) -> Iterator[tuple[list[int], int]]:
+    """Subscriber endpoints in their own process (bench/sink.py): (their ports, the control port)."""
+    with (work / "sink.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "sink.py"), "--ports", str(ports)], stdout=subprocess.PIPE, stderr=log
+        )
+    try:
+        assert process.stdout is not None
+        announced = json.loads(process.stdout.readline())
+        yield announced["ports"], announced["control"]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def sink_arrivals(control: int) -> list[list[Any]]:
+    arrivals: list[list[Any]] = httpx.get(f"http://127.0.0.1:{control}/stats", timeout=30).json()["arrivals"]
+    return arrivals
+
+
+def wait_for_arrivals(control: int, expected: int, *, timeout: float) -> list[list[Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        arrivals = sink_arrivals(control)
+        if len(arrivals) >= expected or time.monotonic() > deadline:
+            return arrivals
+        time.sleep(0.2)
+
+
+def subscribe(server: Server, urls: list[str], events: list[str]) -> None:
+    headers = {"authorization": "Bearer bench-api-key"}
+    for url in urls:
+        answer = httpx.post(
+            f"http://127.0.0.1:{server.port}/v1/subscriptions", json={"url": url, "events": events}, headers=headers
+        )
+        answer.raise_for_status()
+
+
+def scenario_fanout(args: argparse.Namespace, work: Path, report: Report) -> None:
+    """Signed deliveries per second to 10 local subscribers, keep-alive connections reused."""
+    events = max(200, int(args.duration * 120))
+    database = work / "fanout.db"
+    seed_sqlite(database, events, work / "fanout-urls.txt")
+    urls = Urls(work / "fanout-urls.txt", events)
+    with sink(work, 10) as (ports, control), running(receiver_server(work, f"sqlite:///{database}")) as server:
+        subscribe(server, [f"http://127.0.0.1:{port}/hook" for port in ports], ["task.succeeded"])
+        expected = events * len(ports)
+        started = time.time()
+        python_load(server.port, urls, connections=16, duration=0, total=events)
+        arrivals = wait_for_arrivals(control, expected, timeout=120)
+    last = max(a[0] for a in arrivals) if arrivals else started
+    rate = len(arrivals) / max(last - started, 1e-9)
+    ids = [a[2] for a in arrivals]
+    report.figures["fanout"] = {
+        "subscribers": len(ports),
+        "events": events,
+        "deliveries_expected": expected,
+        "deliveries_received": len(arrivals),
+        "distinct_webhook_ids_per_subscriber": len(set(ids)) // max(len(ports), 1),
+        "deliveries_per_second": round(rate, 1),
+    }
+    report.row(f"fan-out: {len(ports)} subscribers, deliveries/s", f"{rate:,.0f}", "", "", "", "")
+    if len(arrivals) < expected:
+        report.notes.append(f"fan-out: only {len(arrivals)} of {expected} deliveries arrived within 120 s")
+
+
+def mean_delivery_latency_ms(server: Server) -> float | None:
+    """The receiver's own view of its delivery attempts (receiver_delivery_latency_seconds)."""
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10).text
+    total = re.search(r"^receiver_delivery_latency_seconds_sum ([\d.e+-]+)$", text, re.M)
+    count = re.search(r"^receiver_delivery_latency_seconds_count ([\d.e+-]+)$", text, re.M)
+    if not total or not count or float(count.group(1)) == 0:
+        return None
+    return round(float(total.group(1)) / float(count.group(1)) * 1000, 2)
+
+
+def scenario_latency(args: argparse.Namespace, work: Path, report: Report) -> None:
+    """From the provider's POST to the subscriber receiving the signed event, at a fixed rate."""
+    rate = args.rate
+    count = int(rate * args.duration)
+    database = work / "latency.db"
+    task_ids = seed_sqlite(database, count, work / "latency-urls.txt")
+    paths = (work / "latency-urls.txt").read_text().split()
+    sent: dict[str, float] = {}
+    with sink(work, 1) as (ports, control), running(receiver_server(work, f"sqlite:///{database}")) as server:
+        subscribe(server, [f"http://127.0.0.1:{ports[0]}/hook"], ["task.succeeded"])
+        counter = iter(range(count))
+
+        def next_request() -> bytes:
+            return loadgen.request_bytes("127.0.0.1", server.port, paths[next(counter)], BODY)
+
+        def on_sent(index: int, moment: float) -> None:
+            sent[task_ids[index]] = moment
+
+        result = asyncio.run(
+            loadgen.open_loop(
+                "127.0.0.1", server.port, next_request, rate=rate, duration=args.duration, on_sent=on_sent
+            )
+        )
+        arrivals = wait_for_arrivals(control, count, timeout=60)
+        attempt_ms = mean_delivery_latency_ms(server)
+    first: dict[str, float] = {}
+    for moment, _, _, task_id in arrivals:
+        if task_id is not None and task_id not in first:
+            first[task_id] = moment
+    latencies = sorted((first[t] - sent[t]) * 1000 for t in sent if t in first)
+    missing = len(sent) - len(latencies)
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] if latencies else float("nan")
+
+    report.figures["latency"] = {
+        "rate": rate,
+        "callbacks": len(sent),
+        "callback_p50_ms": round(result.percentile(50) * 1000, 2),
+        "callback_p99_ms": round(result.percentile(99) * 1000, 2),
+        "delivered": len(latencies),
+        "missing": missing,
+        "end_to_end_p50_ms": round(pct(50), 2),
+        "end_to_end_p99_ms": round(pct(99), 2),
+        "end_to_end_max_ms": round(latencies[-1], 2) if latencies else None,
+        "mean_attempt_ms": attempt_ms,
+    }
+    report.row(
+        f"callback → subscriber at {rate:g}/s", f"{result.rate:,.0f}", "", f"{pct(50):.1f}", f"{pct(99):.1f}", ""
+    )
+    if missing:
+        report.notes.append(f"latency: {missing} of {len(sent)} events did not reach the subscriber within 60 s")
+
+
 def _count(database: Path, sql: str) -> int:
     conn = sqlite3.connect(database)
     try:
@@ -390,6 +522,8 @@ def _count(database: Path, sql: str) -> int:
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace, Path, Report], None]] = {
     "ingest": scenario_ingest,
+    "latency": scenario_latency,
+    "fanout": scenario_fanout,
     "soak": scenario_soak,
 }
 
@@ -424,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured load run")
     parser.add_argument("--soak", type=float, default=60.0, help="seconds of the memory soak")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=1000.0, help="callbacks/s of the latency run")
     parser.add_argument("--tasks", type=int, default=300_000, help="tasks seeded per database")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test of the harness")
     parser.add_argument("--results", type=Path, default=HERE / "results")

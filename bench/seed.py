@@ -61,8 +61,9 @@ def _tasks(count: int) -> list[Task]:
     ]
 
 
-def seed_sqlite(path: Path, count: int, urls_file: Path) -> None:
-    """Create the schema at `path`, insert `count` tasks, write one callback path per line."""
+def seed_sqlite(path: Path, count: int, urls_file: Path) -> list[str]:
+    """Create the schema at `path`, insert `count` tasks, write one callback path per line;
+    returns the task ids, in the order of the paths."""
 
     async def migrate() -> None:
         store = SQLiteStore(path)
@@ -80,6 +81,7 @@ def seed_sqlite(path: Path, count: int, urls_file: Path) -> None:
         )
     conn.close()
     _write_urls(tasks, urls_file)
+    return [t.id for t in tasks]
 
 
 def _write_urls(tasks: list[Task], urls_file: Path) -> None:
