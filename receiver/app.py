@@ -28,7 +28,7 @@ from receiver.clock import system_clock
 from receiver.config import Settings, ensure_secrets
 from receiver.context import Context
 from receiver.delivery.dispatcher import Dispatcher
-from receiver.delivery.sender import HttpxSender
+from receiver.delivery.sender import AiohttpSender
 from receiver.delivery.urlguard import UrlGuard
 from receiver.errors import EXCEPTION_HANDLERS
 from receiver.jobs import JobRunner
@@ -112,8 +112,9 @@ def create_app(
                 )
                 app.state.ctx = ctx
                 app.state.draining = asyncio.Event()  # set when the server stops: SSE streams end
-                sender = HttpxSender(guard=None if settings.allow_private_urls else ctx.url_guard)
+                sender = AiohttpSender(guard=None if settings.allow_private_urls else ctx.url_guard)
                 dispatcher = app.state.dispatcher = Dispatcher(ctx, sender)
+                dispatcher.start()
                 workers = Workers(the_store.feed)
                 workers.add("expiry", lambda: expire_due_tasks(ctx), topic="expiry", idle=5.0)
                 # Polls, and calls to synchronous providers (one job kind per provider).

@@ -14,8 +14,9 @@ SSE streams and workers react whichever instance took the write.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from typing import Any
 
 from receiver.tasks import Task
 
@@ -26,6 +27,22 @@ class ChangeFeed:
     def __init__(self) -> None:
         self._listeners: dict[str | None, set[asyncio.Queue[Task]]] = {}
         self._topics: dict[str, asyncio.Event] = {}
+        self._taker: Callable[[Sequence[Any]], None] | None = None
+        self.offer_lease: tuple[str, float] | None = None  # (owner, lease seconds) while a taker listens
+
+    def take_offers(self, owner: str, lease_seconds: float, taker: Callable[[Sequence[Any]], None]) -> None:
+        """Deliveries written from now on that are first in line are leased to `owner` at once and
+        handed to `taker` after commit (the local dispatcher), without a claim round trip."""
+        self._taker = taker
+        self.offer_lease = (owner, lease_seconds)
+
+    def stop_taking_offers(self) -> None:
+        self._taker = None
+        self.offer_lease = None
+
+    def offer(self, jobs: Sequence[Any]) -> None:
+        if self._taker is not None:
+            self._taker(jobs)
 
     def publish(self, task: Task) -> None:
         for key in (task.id, None):

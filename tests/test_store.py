@@ -391,6 +391,50 @@ async def test_released_leases_are_claimable_at_once(store: Store) -> None:
     assert len(await store.claim_deliveries(now=now, limit=10, owner="w2", lease_seconds=60)) == 1
 
 
+async def test_claims_take_at_most_so_many_per_subscription(store: Store) -> None:
+    busy = await store.create_subscription(subscription())
+    quiet = await store.create_subscription(subscription(events=("task.submitted",)))
+    for _ in range(6):
+        await submitted(store)  # each: a task.submitted event for both subscriptions
+    now = time.time() + 1
+    claimed = await store.claim_deliveries(now=now, limit=10, owner="w", lease_seconds=60, per_subscription=2)
+    per_sub: dict[str, int] = {}
+    for job in claimed:
+        per_sub[job.subscription.id] = per_sub.get(job.subscription.id, 0) + 1
+    assert per_sub == {busy.id: 2, quiet.id: 2}
+    more = await store.claim_deliveries(now=now, limit=100, owner="w", lease_seconds=60)
+    assert len(more) == 8  # the rest, now that no cap applies
+
+
+async def test_deliveries_first_in_line_are_leased_at_creation_when_offered(store: Store) -> None:
+    sub = await store.create_subscription(subscription())
+    offered: list = []
+    store.feed.take_offers("me", 30.0, offered.extend)
+    try:
+        task = await submitted(store)  # task.submitted: first in line, leased to "me" and offered
+        assert [job.delivery.event_type for job in offered] == ["task.submitted"]
+        job = offered[0]
+        assert job.subscription.id == sub.id and job.subscription.url == sub.url
+        assert job.body.startswith(b'{"type":"task.submitted"')
+        # Leased: no claim gets it while the lease holds.
+        assert await store.claim_deliveries(now=time.time() + 1, limit=10, owner="other", lease_seconds=30) == []
+        # A later event of the same task waits behind the pending one: written, not offered.
+        applied = await store.transition(
+            task.id, partial(apply_report, report=Report(TaskState.RUNNING), now=time.time())
+        )
+        assert applied.deliveries == 1 and applied.offered == () and len(offered) == 1
+        await store.finish_attempt(
+            job.delivery.id, "me", AttemptOutcome(Attempt(time.time(), 200, 1.0), DeliveryStatus.SUCCEEDED)
+        )
+        [running] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="other", lease_seconds=30)
+        assert running.delivery.event_type == "task.running"
+    finally:
+        store.feed.stop_taking_offers()
+    await submitted(store)
+    assert len(offered) == 1  # nobody takes offers now: nothing is leased at creation
+    assert len(await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)) == 1
+
+
 async def test_claims_skip_excluded_subscriptions(store: Store) -> None:
     busy = await store.create_subscription(subscription())
     free = await store.create_subscription(subscription())

@@ -1,6 +1,6 @@
 """Sends what the outbox holds to the subscribers.
 
-    dispatcher = Dispatcher(ctx, HttpxSender(guard=ctx.url_guard))
+    dispatcher = Dispatcher(ctx, AiohttpSender(guard=ctx.url_guard))
     workers.add("deliveries", dispatcher.step, topic="deliveries", idle=30.0)
     ...
     await workers.stop(); await dispatcher.close()   # cancels sends, hands the leases back
@@ -13,22 +13,35 @@ due; a commit that writes deliveries, and every attempt that ends, wakes it.
 
 Per endpoint (subscription) at most `delivery_concurrency` requests are in
 flight, and a circuit breaker pauses an endpoint after consecutive failures.
-Endpoints that may take nothing more right now are left out of the claim, so
-their deliveries stay in the outbox untouched — no attempt is spent on them.
+Claimed deliveries wait in the endpoint's queue (at most one more round of
+`delivery_concurrency`), so a request that ends starts the next one at once,
+without another claim; endpoints whose queue is full, or that are paused, are
+left out of the claim, so their deliveries stay in the outbox untouched — no
+attempt is spent on them, and a paused endpoint's queue goes back at once.
 
 Ordering is the store's: the claim never hands out an event of a subscription
 and task while an earlier one is pending, so when one succeeds or runs out of
 attempts, the next goes at once.
+
+Fresh deliveries skip the claim: while the dispatcher takes offers (`start`),
+a transaction that writes deliveries leases those first in line to it and
+hands them over after commit (ChangeFeed.offer), so a callback's event is on
+its way without a second database round trip. What an endpoint cannot take
+goes back to the outbox at once; a dispatcher that dies leaves leases that
+lapse, and any instance's claim picks the deliveries up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import secrets
 import socket
-from dataclasses import dataclass
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from receiver.clock import isoformat
 from receiver.context import Context
@@ -85,6 +98,7 @@ def decide(
 class _Endpoint:
     breaker: Breaker
     in_flight: int = 0
+    queue: collections.deque[DeliveryJob] = field(default_factory=collections.deque)
 
 
 class Dispatcher:
@@ -108,44 +122,75 @@ class Dispatcher:
         self.lease_seconds = ctx.settings.delivery_timeout * 2 + 5
         self._endpoints: dict[str, _Endpoint] = {}
         self._sends: set[asyncio.Task[None]] = set()
+        self._chores: set[asyncio.Task[Any]] = set()
 
     @property
     def in_flight(self) -> int:
         return len(self._sends)
+
+    def start(self) -> None:
+        """Take the deliveries this instance's transactions write, leased at once (see the module)."""
+        self.ctx.store.feed.take_offers(self.owner, self.lease_seconds, self.accept)
+
+    def accept(self, jobs: Sequence[DeliveryJob]) -> None:
+        """Deliveries leased to this dispatcher at creation: queue what endpoints may take, send."""
+        now = self.ctx.clock()
+        surplus = []
+        for job in jobs:
+            endpoint = self._endpoint(job.subscription.id)
+            busy = len(self._sends) + self._queued() >= self.max_in_flight
+            if busy or self._capacity(endpoint, now) == 0 or len(endpoint.queue) >= self._room(endpoint, now):
+                surplus.append(job.delivery.id)
+                continue
+            endpoint.queue.append(job)
+            self._pump(endpoint, now)
+        if surplus:  # back to the outbox, for a claim when there is room
+            self._background(self.ctx.store.release_deliveries(surplus, self.owner))
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def breaker(self, subscription_id: str) -> Breaker | None:
         endpoint = self._endpoints.get(subscription_id)
         return endpoint.breaker if endpoint else None
 
     async def step(self) -> float | None:
-        """Start every due delivery there is room for; returns seconds until more is due."""
+        """Claim what is due for endpoints with room, start what may go; returns seconds until
+        more is due."""
         store = self.ctx.store
-        free = self.max_in_flight - len(self._sends)
-        if free <= 0:
-            return None  # a send that ends wakes the worker
         now = self.ctx.clock()
-        limit = min(self.batch, free)
-        jobs = await store.claim_deliveries(
-            now=now,
-            limit=limit,
-            owner=self.owner,
-            lease_seconds=self.lease_seconds,
-            exclude_subscriptions=self._full(now),
-        )
-        surplus = []
-        for job in jobs:
-            endpoint = self._endpoint(job.subscription.id)
-            if endpoint.in_flight >= self._capacity(endpoint, now):
-                surplus.append(job.delivery.id)  # more than the endpoint may take now
-                continue
-            endpoint.in_flight += 1
-            send = asyncio.create_task(self._deliver(job, endpoint), name=f"receiver-delivery-{job.delivery.id}")
-            self._sends.add(send)
-            send.add_done_callback(self._sends.discard)
-        if surplus:
+        await self._hand_back_paused(now)
+        free = self.max_in_flight - len(self._sends) - self._queued()
+        if free > 0:
+            limit = min(self.batch, free)
+            jobs = await store.claim_deliveries(
+                now=now,
+                limit=limit,
+                owner=self.owner,
+                lease_seconds=self.lease_seconds,
+                exclude_subscriptions=self._full(now),
+                per_subscription=self.ctx.settings.delivery_concurrency,
+            )
+            for job in jobs:
+                self._endpoint(job.subscription.id).queue.append(job)
+        else:
+            jobs = []
+        for endpoint in list(self._endpoints.values()):
+            self._pump(endpoint, now)
+        surplus = [
+            job.delivery.id
+            for e in self._endpoints.values()
+            if len(e.queue) > self._room(e, now)
+            for job in self._trim(e, now)
+        ]
+        if surplus:  # more than an endpoint may take in a while: back to the outbox
             await store.release_deliveries(surplus, self.owner)
-        if len(jobs) == limit:
+        if free > 0 and len(jobs) == min(self.batch, free):
             return 0.0  # there may be more
+        if self._sends:
+            return None  # every send that ends wakes the worker: no need to ask the store when
         now = self.ctx.clock()
         moments = [
             endpoint.breaker.open_until
@@ -157,8 +202,43 @@ class Dispatcher:
             moments.append(due)
         return max(0.0, min(moments) - now) if moments else None
 
+    def _pump(self, endpoint: _Endpoint, now: float) -> None:
+        """Start the endpoint's queued deliveries while it has room."""
+        while endpoint.queue and endpoint.in_flight < self._capacity(endpoint, now):
+            job = endpoint.queue.popleft()
+            endpoint.in_flight += 1
+            send = asyncio.create_task(self._deliver(job, endpoint), name=f"receiver-delivery-{job.delivery.id}")
+            self._sends.add(send)
+            send.add_done_callback(self._sends.discard)
+
+    def _room(self, endpoint: _Endpoint, now: float) -> int:
+        """How many claimed deliveries an endpoint may hold waiting: one more round of its capacity."""
+        return self._capacity(endpoint, now)
+
+    def _trim(self, endpoint: _Endpoint, now: float) -> list[DeliveryJob]:
+        trimmed = []
+        while len(endpoint.queue) > self._room(endpoint, now):
+            trimmed.append(endpoint.queue.pop())
+        return trimmed
+
+    def _queued(self) -> int:
+        return sum(len(endpoint.queue) for endpoint in self._endpoints.values())
+
+    async def _hand_back_paused(self, now: float) -> None:
+        """A paused endpoint holds no claimed deliveries: they go back to the outbox untouched."""
+        paused = [e for e in self._endpoints.values() if e.queue and self._capacity(e, now) == 0]
+        released = [job.delivery.id for e in paused for job in e.queue]
+        for endpoint in paused:
+            endpoint.queue.clear()
+        if released:
+            await self.ctx.store.release_deliveries(released, self.owner)
+
     async def close(self) -> None:
         """Cancel the sends in flight and hand every lease back (they go again later, same webhook-id)."""
+        self.ctx.store.feed.stop_taking_offers()
+        await asyncio.gather(*self._chores, return_exceptions=True)
+        for endpoint in self._endpoints.values():
+            endpoint.queue.clear()
         for send in list(self._sends):
             send.cancel()
         await asyncio.gather(*self._sends, return_exceptions=True)
@@ -178,10 +258,12 @@ class Dispatcher:
             ended = self.ctx.clock()
             before = endpoint.breaker.state(ended)
             after = endpoint.breaker.record(ok=answer.ok, now=ended)
-            # The request is over: its slot may take the next one while the attempt is written.
+            # The request is over: its slot takes the next queued delivery while the attempt is written.
             sending = False
             endpoint.in_flight -= 1
-            self.ctx.store.feed.wake("deliveries")
+            self._pump(endpoint, ended)
+            if not endpoint.queue:
+                self.ctx.store.feed.wake("deliveries")
             outcome = decide(
                 delivery,
                 subscription,
@@ -208,7 +290,12 @@ class Dispatcher:
             if sending:
                 endpoint.in_flight -= 1
             # Forget an endpoint with nothing to remember (but never a newer one for the same subscription).
-            if endpoint.in_flight == 0 and endpoint.breaker.idle and self._endpoints.get(subscription.id) is endpoint:
+            if (
+                endpoint.in_flight == 0
+                and not endpoint.queue
+                and endpoint.breaker.idle
+                and self._endpoints.get(subscription.id) is endpoint
+            ):
                 del self._endpoints[subscription.id]
             self.ctx.store.feed.wake("deliveries")
 
@@ -238,8 +325,12 @@ class Dispatcher:
         return endpoint.breaker.capacity(now, limit=self.ctx.settings.delivery_concurrency)
 
     def _full(self, now: float) -> list[str]:
-        """Endpoints that may take no more requests now (at their limit, or paused)."""
-        return [sid for sid, endpoint in self._endpoints.items() if endpoint.in_flight >= self._capacity(endpoint, now)]
+        """Endpoints that may be given nothing more now: paused, or with a full round queued."""
+        return [
+            sid
+            for sid, endpoint in self._endpoints.items()
+            if self._capacity(endpoint, now) == 0 or len(endpoint.queue) >= self._room(endpoint, now)
+        ]
 
     # --- logs -----------------------------------------------------------------------
 

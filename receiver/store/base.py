@@ -111,6 +111,7 @@ class Applied(Value):
     task: Task  # the task after the change (or as it is, if unchanged)
     transition: Transition
     deliveries: int = 0  # outbox rows written
+    offered: tuple[DeliveryJob, ...] = ()  # of those, the ones leased at once to the local dispatcher
 
     @property
     def verdict(self) -> Verdict:
@@ -237,6 +238,16 @@ class DeliveryJob:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease(Value):
+    """A lease taken at creation: a transaction that writes deliveries leases those that are
+    first in line for their endpoint to `owner` (the local dispatcher) until `until`, and they
+    are handed to it after commit (`Applied.offered`), without a claim round trip."""
+
+    owner: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryQuery:
     subscription_id: str | None = None
     task_id: str | None = None
@@ -353,10 +364,12 @@ class Store(Protocol):
         owner: str,
         lease_seconds: float,
         exclude_subscriptions: Collection[str] = (),
+        per_subscription: int | None = None,
     ) -> list[DeliveryJob]:
         """Lease due deliveries, oldest first, never one whose earlier event (same
         subscription and task) is still pending, nor one of `exclude_subscriptions`
-        (endpoints the dispatcher is not sending to right now: busy or paused)."""
+        (endpoints the dispatcher is not sending to right now: busy or paused), and at most
+        `per_subscription` for one subscription (what one endpoint may take at once)."""
 
     async def finish_attempt(self, delivery_id: str, owner: str, outcome: AttemptOutcome) -> None:
         """Record an attempt and release the lease (a no-op if the lease was lost)."""

@@ -20,8 +20,8 @@ import orjson
 from receiver.broadcast import ChangeFeed
 from receiver.events import matches
 from receiver.ids import new_id
-from receiver.store.base import Applied, IncomingCallback
-from receiver.store.rows import Row, dumps
+from receiver.store.base import Applied, DeliveryJob, IncomingCallback, Lease
+from receiver.store.rows import Row, delivery_from_row, dumps, subscription_from_row
 from receiver.tasks import JobSpec, Report, Task, Transition
 from receiver.types import DeliveryStatus, EventType
 
@@ -43,6 +43,8 @@ DELIVERY_COLUMNS = (
     "next_attempt_at",
     "created_at",
     "updated_at",
+    "lease_owner",
+    "lease_until",
 )
 CALLBACK_COLUMNS = (
     "id",
@@ -94,6 +96,13 @@ def new_event(event_type: EventType, body: bytes, task: Task | None, now: float)
     )
 
 
+def wanting(event_type: EventType, subscribers: Iterable[Row], *, addressed: bool = False) -> list[Row]:
+    """The subscribers (rows with `id`, `events`) whose filter takes the event; `addressed`: the
+    event names its subscription, no filter applies. An event nobody wants is not written: the
+    events table is the outbox's, and its bodies are only ever read by deliveries."""
+    return [row for row in subscribers if addressed or matches(tuple(_filters(row["events"])), event_type.value)]
+
+
 def delivery_rows(event: EventRow, subscribers: Iterable[Row], *, addressed: bool = False) -> list[dict[str, Any]]:
     """A pending delivery, due at once, for each subscriber (rows with `id`, `events`) whose
     filter takes the event; `addressed`: the event names its subscription, no filter applies."""
@@ -110,10 +119,27 @@ def delivery_rows(event: EventRow, subscribers: Iterable[Row], *, addressed: boo
             "next_attempt_at": event.created_at,
             "created_at": event.created_at,
             "updated_at": event.created_at,
+            "lease_owner": None,
+            "lease_until": None,
         }
         for row in subscribers
         if addressed or matches(tuple(_filters(row["events"])), event.type)
     ]
+
+
+def offer(
+    rows: list[dict[str, Any]], subscribers: list[Row], first_in_line: list[bool], lease: Lease, body: bytes
+) -> list[DeliveryJob]:
+    """Lease the deliveries that are first in line for their endpoint (no earlier event of their
+    task is pending for that subscription) and build the jobs the local dispatcher gets after
+    commit. `rows` and `subscribers` (full subscription rows) go together, in order."""
+    offered = []
+    for row, subscriber, first in zip(rows, subscribers, first_in_line, strict=True):
+        if not first:
+            continue
+        row["lease_owner"], row["lease_until"] = lease.owner, lease.until
+        offered.append(DeliveryJob(delivery_from_row(row), subscription_from_row(subscriber), body))
+    return offered
 
 
 def _filters(events: str | bytes) -> list[str]:
@@ -170,9 +196,12 @@ def wakes(applied: Applied) -> tuple[str, ...]:
 
 
 def announce(feed: ChangeFeed, applied: Applied) -> Applied:
-    """After commit: publish the changed task and wake the workers it gave work."""
+    """After commit: publish the changed task, hand the local dispatcher what was leased to it,
+    and wake the workers it gave work."""
     if applied.transition.changed:
         feed.publish(applied.task)
+    if applied.offered:
+        feed.offer(applied.offered)
     for topic in wakes(applied):
         feed.wake(topic)
     return applied

@@ -32,6 +32,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -55,6 +56,7 @@ from receiver.store.base import (
     IdempotencyKey,
     IncomingCallback,
     Job,
+    Lease,
     StoredCallback,
     Subscription,
     TaskQuery,
@@ -66,14 +68,15 @@ from receiver.store.outbox import (
     EVENT_COLUMNS,
     JOB_COLUMNS,
     JOBS,
-    EventRow,
     announce,
     callback_row,
     delivery_rows,
     job_row,
     jobs_kept,
     new_event,
+    offer,
     wakes,
+    wanting,
 )
 from receiver.store.rows import (
     SUBSCRIPTION_COLUMNS,
@@ -87,6 +90,7 @@ from receiver.store.rows import (
     job_from_row,
     subscription_from_row,
     subscription_params,
+    task_changes,
     task_from_row,
     task_params,
 )
@@ -183,7 +187,6 @@ class _Params(list[Any]):
 
 
 _INSERT_TASK = _insert("tasks", TASK_COLUMNS)
-_UPDATE_TASK = _update("tasks", TASK_COLUMNS)
 _INSERT_SUBSCRIPTION = _insert("subscriptions", SUBSCRIPTION_COLUMNS)
 _UPDATE_SUBSCRIPTION = _update("subscriptions", SUBSCRIPTION_COLUMNS) + " RETURNING *"
 _INSERT_EVENT = _insert("events", EVENT_COLUMNS)
@@ -193,9 +196,9 @@ _SCHEDULE_JOB = (
     _insert("jobs", JOB_COLUMNS) + " ON CONFLICT (kind, task_id) DO UPDATE SET run_at = excluded.run_at,"
     " payload = excluded.payload, lease_owner = NULL, lease_until = NULL RETURNING *"
 )
-_TASK_SUBSCRIBERS = "SELECT id, events FROM subscriptions WHERE enabled AND (task_id IS NULL OR task_id = $1)"
-_GLOBAL_SUBSCRIBERS = "SELECT id, events FROM subscriptions WHERE enabled AND task_id IS NULL"
-_ONE_SUBSCRIBER = "SELECT id, events FROM subscriptions WHERE id = $1"
+_TASK_SUBSCRIBERS = "SELECT * FROM subscriptions WHERE enabled AND (task_id IS NULL OR task_id = $1)"
+_GLOBAL_SUBSCRIBERS = "SELECT * FROM subscriptions WHERE enabled AND task_id IS NULL"
+_ONE_SUBSCRIBER = "SELECT * FROM subscriptions WHERE id = $1"
 
 # A pending delivery waits while an earlier event of its subscription and task is pending.
 _FIRST_IN_LINE = """NOT EXISTS (
@@ -206,15 +209,25 @@ _FIRST_IN_LINE = """NOT EXISTS (
 # Due, unleased deliveries of enabled subscriptions (but those of $5), never one whose earlier
 # event (same subscription and task) is still pending; rows another instance is claiming are skipped.
 _CLAIM_DELIVERIES = f"""
-WITH claimed AS (
+WITH due AS (
+    SELECT d.id, d.subscription_id, d.next_attempt_at FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
+     WHERE d.status = 'pending' AND d.next_attempt_at <= $3
+       AND (d.lease_until IS NULL OR d.lease_until < $3)
+       AND s.enabled
+       AND NOT (d.subscription_id = ANY($5::text[]))
+       AND {_FIRST_IN_LINE}
+     ORDER BY d.next_attempt_at, d.id
+     LIMIT $6),
+ranked AS (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY subscription_id ORDER BY next_attempt_at, id) AS rank FROM due
+    ) numbered WHERE rank <= $7),
+claimed AS (
     UPDATE deliveries SET lease_owner = $1, lease_until = $2
      WHERE id IN (
-        SELECT d.id FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
-         WHERE d.status = 'pending' AND d.next_attempt_at <= $3
-           AND (d.lease_until IS NULL OR d.lease_until < $3)
-           AND s.enabled
-           AND NOT (d.subscription_id = ANY($5::text[]))
-           AND {_FIRST_IN_LINE}
+        SELECT d.id FROM deliveries d
+         WHERE d.id IN (SELECT id FROM ranked)
+           AND d.status = 'pending' AND (d.lease_until IS NULL OR d.lease_until < $3)
          ORDER BY d.next_attempt_at, d.id
          LIMIT $4
          FOR UPDATE OF d SKIP LOCKED)
@@ -423,8 +436,7 @@ class PostgresStore:
                 if events:
                     subscribers = await conn.fetch(_TASK_SUBSCRIBERS, task.id)
                     for event_type in events:
-                        body = task_event_body(event_type, task, now=task.created_at)
-                        await _insert_event(conn, new_event(event_type, body, task, task.created_at), subscribers)
+                        await _insert_event(conn, event_type, task, task.created_at, subscribers)
                 await self._notify(conn, tasks=[task.id], wake=topics)
         except _KeyTaken:
             assert idempotency is not None
@@ -461,11 +473,16 @@ class PostgresStore:
         sql += f" ORDER BY id DESC LIMIT {params.add(query.limit)}"
         return [task_from_row(row) for row in await self._fetch(sql, *params)]
 
+    def _lease(self, now: float) -> Lease | None:
+        """The lease new deliveries get at once, while a local dispatcher takes offers."""
+        target = self.feed.offer_lease
+        return Lease(target[0], now + target[1]) if target is not None else None
+
     async def transition(self, task_id: str, decide: Decide) -> Applied:
         async with self._transaction() as conn:
             task = await _lock_task(conn, task_id)
             moment = self.clock()
-            applied = await _apply(conn, task, decide(task), moment)
+            applied = await _apply(conn, task, decide(task), moment, self._lease(moment))
             await self._notify_applied(conn, [applied])
         return announce(self.feed, applied)
 
@@ -479,7 +496,8 @@ class PostgresStore:
                 callback.body_sha256,
             )
             moment = self.clock()
-            applied = await _apply(conn, task, apply_report(task, report, now=moment, duplicate=duplicate), moment)
+            transition = apply_report(task, report, now=moment, duplicate=duplicate)
+            applied = await _apply(conn, task, transition, moment, self._lease(moment))
             await conn.execute(_INSERT_CALLBACK, *_values(callback_row(callback, applied, report), CALLBACK_COLUMNS))
             await self._notify_applied(conn, [applied])
         return announce(self.feed, applied)
@@ -552,13 +570,15 @@ class PostgresStore:
 
     async def emit_event(self, event_type: EventType, data: JSON, *, subscription_id: str | None = None) -> int:
         now = self.clock()
-        event = new_event(event_type, event_body(event_type, data, now=now), None, now)
+        body = event_body(event_type, data, now=now)
         async with self._transaction() as conn:
             if subscription_id is not None:
                 subscribers = await conn.fetch(_ONE_SUBSCRIBER, subscription_id)
             else:
                 subscribers = await conn.fetch(_GLOBAL_SUBSCRIBERS)
-            count = await _insert_event(conn, event, subscribers, addressed=subscription_id is not None)
+            count, _ = await _insert_event(
+                conn, event_type, None, now, subscribers, body=body, addressed=subscription_id is not None
+            )
             await self._notify(conn, wake=[DELIVERIES] if count else [])
         if count:
             self.feed.wake(DELIVERIES)
@@ -573,10 +593,18 @@ class PostgresStore:
         owner: str,
         lease_seconds: float,
         exclude_subscriptions: Collection[str] = (),
+        per_subscription: int | None = None,
     ) -> list[DeliveryJob]:
         async with self._transaction() as conn:
             rows = await conn.fetch(
-                _CLAIM_DELIVERIES, owner, now + lease_seconds, now, limit, list(exclude_subscriptions)
+                _CLAIM_DELIVERIES,
+                owner,
+                now + lease_seconds,
+                now,
+                limit,
+                list(exclude_subscriptions),
+                max(limit * 4, 64),  # the window of earliest due deliveries ranked per subscription
+                per_subscription or limit,
             )
             if not rows:
                 return []
@@ -828,35 +856,81 @@ async def _idempotent(conn: Any, idempotency: IdempotencyKey) -> CreatedTask | N
     return CreatedTask(task_from_row(row), created=False, same_request=row["fingerprint"] == idempotency.fingerprint)
 
 
-async def _apply(conn: Any, before: Task, transition: Transition, now: float) -> Applied:
+async def _apply(conn: Any, before: Task, transition: Transition, now: float, lease: Lease | None = None) -> Applied:
     new = transition.task
     if new is None:
         return Applied(before, transition)
-    try:
-        await conn.execute(_UPDATE_TASK, *_values(task_params(new), TASK_COLUMNS))
-    except asyncpg.UniqueViolationError as exc:  # another task already owns that upstream id
-        raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id) from exc
+    changes = task_changes(before, new)
+    if changes:
+        try:
+            await conn.execute(_update_task_sql(tuple(changes)), new.id, *changes.values())
+        except asyncpg.UniqueViolationError as exc:  # another task already owns that upstream id
+            raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id) from exc
     deliveries = 0
+    offered: list[DeliveryJob] = []
     if transition.events:
         subscribers = await conn.fetch(_TASK_SUBSCRIBERS, new.id)
         for event_type in transition.events:
-            body = task_event_body(event_type, new, now=now)
-            deliveries += await _insert_event(conn, new_event(event_type, body, new, now), subscribers)
+            written, leased = await _insert_event(conn, event_type, new, now, subscribers, lease=lease)
+            deliveries += written
+            offered += leased
     kept = jobs_kept(before, transition)
     if kept is not None:
         await conn.execute("DELETE FROM jobs WHERE task_id = $1 AND kind <> ALL($2::text[])", new.id, list(kept))
     for spec in transition.jobs:
         await _schedule_job(conn, new.id, spec, now)
-    return Applied(new, transition, deliveries)
+    return Applied(new, transition, deliveries, tuple(offered))
 
 
-async def _insert_event(conn: Any, event: EventRow, subscribers: Iterable[Row], *, addressed: bool = False) -> int:
-    """Write one event and a delivery per subscriber that wants it; returns the deliveries."""
+@lru_cache(maxsize=256)
+def _update_task_sql(columns: tuple[str, ...]) -> str:
+    """`UPDATE tasks SET <columns> WHERE id = $1`: only what changed, so unchanged indexes rest."""
+    return _update("tasks", ("id", *columns))
+
+
+async def _insert_event(
+    conn: Any,
+    event_type: EventType,
+    task: Task | None,
+    now: float,
+    subscribers: Iterable[Row],
+    *,
+    body: bytes | None = None,
+    addressed: bool = False,
+    lease: Lease | None = None,
+) -> tuple[int, list[DeliveryJob]]:
+    """Write one event (its body is the task's snapshot unless given) and a delivery per
+    subscriber that wants it; an event nobody wants is not written. With a lease, the
+    deliveries first in line are leased at once. Returns (deliveries written, those leased)."""
+    wanted = wanting(event_type, subscribers, addressed=addressed)
+    if not wanted:
+        return 0, []
+    if body is None:
+        assert task is not None
+        body = task_event_body(event_type, task, now=now)
+    event = new_event(event_type, body, task, now)
     await conn.execute(_INSERT_EVENT, *_values(event.params(), EVENT_COLUMNS))
-    rows = delivery_rows(event, subscribers, addressed=addressed)
-    if rows:
-        await conn.executemany(_INSERT_DELIVERY, [_values(row, DELIVERY_COLUMNS) for row in rows])
-    return len(rows)
+    rows = delivery_rows(event, wanted, addressed=True)
+    offered: list[DeliveryJob] = []
+    if lease is not None:
+        first = [await _first_in_line(conn, row) for row in rows]
+        offered = offer(rows, list(wanted), first, lease, body)
+    await conn.executemany(_INSERT_DELIVERY, [_values(row, DELIVERY_COLUMNS) for row in rows])
+    return len(rows), offered
+
+
+async def _first_in_line(conn: Any, row: dict[str, Any]) -> bool:
+    """No earlier event of the same task is pending for the same subscription."""
+    if row["task_id"] is None:
+        return True
+    earlier = await conn.fetchval(
+        "SELECT 1 FROM deliveries WHERE status = 'pending' AND subscription_id = $1 AND task_id = $2"
+        " AND sequence < $3 LIMIT 1",
+        row["subscription_id"],
+        row["task_id"],
+        row["sequence"],
+    )
+    return earlier is None
 
 
 async def _schedule_job(conn: Any, task_id: str, spec: JobSpec, now: float) -> Job:

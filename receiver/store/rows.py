@@ -90,6 +90,17 @@ def task_params(task: Task) -> dict[str, Any]:
     }
 
 
+def task_changes(before: Task, after: Task) -> dict[str, Any]:
+    """The columns (encoded as task_params encodes them) that differ between two versions of a
+    task. Updating only these leaves the indexes on unchanged columns alone."""
+    encoded = task_params(after)
+    return {
+        column: encoded[column]
+        for column in TASK_COLUMNS
+        if column != "id" and getattr(before, column) != getattr(after, column)
+    }
+
+
 def task_from_row(row: Row) -> Task:
     return Task(
         id=row["id"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Collection, Iterable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from receiver.store.base import (
     IdempotencyKey,
     IncomingCallback,
     Job,
+    Lease,
     StoredCallback,
     Subscription,
     TaskQuery,
@@ -52,6 +53,8 @@ from receiver.store.outbox import (
     job_row,
     jobs_kept,
     new_event,
+    offer,
+    wanting,
 )
 from receiver.store.rows import (
     SUBSCRIPTION_COLUMNS,
@@ -64,6 +67,7 @@ from receiver.store.rows import (
     job_from_row,
     subscription_from_row,
     subscription_params,
+    task_changes,
     task_from_row,
     task_params,
 )
@@ -142,6 +146,11 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
 
+    def _lease(self, now: float) -> Lease | None:
+        """The lease new deliveries get at once, while a local dispatcher takes offers."""
+        target = self.feed.offer_lease
+        return Lease(target[0], now + target[1]) if target is not None else None
+
     def _published(self, applied: Applied) -> Applied:
         return announce(self.feed, applied)
 
@@ -199,12 +208,16 @@ class SQLiteStore:
         return [task_from_row(row) for row in await self._read(sql, params)]
 
     async def transition(self, task_id: str, decide: Decide) -> Applied:
-        applied: Applied = await self._write(partial(_transition, task_id=task_id, decide=decide, now=self.clock()))
+        now = self.clock()
+        applied: Applied = await self._write(
+            partial(_transition, task_id=task_id, decide=decide, now=now, lease=self._lease(now))
+        )
         return self._published(applied)
 
     async def record_callback(self, callback: IncomingCallback, report: Report) -> Applied:
+        now = self.clock()
         applied: Applied = await self._write(
-            partial(_record_callback, callback=callback, report=report, now=self.clock())
+            partial(_record_callback, callback=callback, report=report, now=now, lease=self._lease(now))
         )
         return self._published(applied)
 
@@ -272,6 +285,7 @@ class SQLiteStore:
         owner: str,
         lease_seconds: float,
         exclude_subscriptions: Collection[str] = (),
+        per_subscription: int | None = None,
     ) -> list[DeliveryJob]:
         jobs: list[DeliveryJob] = await self._write(
             partial(
@@ -281,6 +295,7 @@ class SQLiteStore:
                 owner=owner,
                 lease_until=now + lease_seconds,
                 exclude=tuple(exclude_subscriptions),
+                per_subscription=per_subscription or limit,
             )
         )
         return jobs
@@ -442,7 +457,6 @@ def _insert(table: str, columns: Sequence[str]) -> str:
 
 
 _INSERT_TASK = _insert("tasks", TASK_COLUMNS)
-_UPDATE_TASK = "UPDATE tasks SET " + ", ".join(f"{c} = :{c}" for c in TASK_COLUMNS if c != "id") + " WHERE id = :id"
 _INSERT_SUBSCRIPTION = _insert("subscriptions", SUBSCRIPTION_COLUMNS)
 _INSERT_EVENT = _insert("events", EVENT_COLUMNS)
 _INSERT_DELIVERY = _insert("deliveries", DELIVERY_COLUMNS)
@@ -476,23 +490,33 @@ def _create_task(
         _insert_subscription(conn, sub=notify)
     for spec in jobs:
         _schedule_job(conn, task_id=task.id, spec=spec, now=task.created_at)
-    for event_type in events:
-        body = task_event_body(event_type, task, now=task.created_at)
-        _insert_event(conn, event_type, body, task, task.created_at)
+    if events:
+        subscribers = _subscribers(conn, task.id)
+        for event_type in events:
+            _insert_event(conn, event_type, task, task.created_at, subscribers)
     return CreatedTask(task, created=True)
 
 
-def _apply(conn: sqlite3.Connection, before: Task, transition: Transition, now: float) -> Applied:
+def _apply(
+    conn: sqlite3.Connection, before: Task, transition: Transition, now: float, lease: Lease | None = None
+) -> Applied:
     new = transition.task
     if new is None:
         return Applied(before, transition)
-    try:
-        conn.execute(_UPDATE_TASK, task_params(new))
-    except sqlite3.IntegrityError as exc:  # another task already owns that upstream id
-        raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id) from exc
+    changes = task_changes(before, new)
+    if changes:
+        try:
+            conn.execute(_update_task_sql(tuple(changes)), {**changes, "id": new.id})
+        except sqlite3.IntegrityError as exc:  # another task already owns that upstream id
+            raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id) from exc
     deliveries = 0
-    for event_type in transition.events:
-        deliveries += _insert_event(conn, event_type, task_event_body(event_type, new, now=now), new, now)
+    offered: list[DeliveryJob] = []
+    if transition.events:
+        subscribers = _subscribers(conn, new.id)
+        for event_type in transition.events:
+            written, leased = _insert_event(conn, event_type, new, now, subscribers, lease=lease)
+            deliveries += written
+            offered += leased
     kept = jobs_kept(before, transition)
     if kept is not None:
         marks = ",".join("?" * len(kept))
@@ -504,41 +528,76 @@ def _apply(conn: sqlite3.Connection, before: Task, transition: Transition, now: 
         )
     for spec in transition.jobs:
         _schedule_job(conn, task_id=new.id, spec=spec, now=now)
-    return Applied(new, transition, deliveries)
+    return Applied(new, transition, deliveries, tuple(offered))
+
+
+@lru_cache(maxsize=256)
+def _update_task_sql(columns: tuple[str, ...]) -> str:
+    return "UPDATE tasks SET " + ", ".join(f"{c} = :{c}" for c in columns) + " WHERE id = :id"
+
+
+def _subscribers(conn: sqlite3.Connection, task_id: str | None) -> list[sqlite3.Row]:
+    """The enabled subscriptions that may want a task's events (all of them, and its own)."""
+    if task_id is None:
+        return conn.execute("SELECT * FROM subscriptions WHERE enabled = 1 AND task_id IS NULL").fetchall()
+    return conn.execute(
+        "SELECT * FROM subscriptions WHERE enabled = 1 AND (task_id IS NULL OR task_id = ?)", (task_id,)
+    ).fetchall()
 
 
 def _insert_event(
     conn: sqlite3.Connection,
     event_type: EventType,
-    body: bytes,
     task: Task | None,
     now: float,
-    subscription_id: str | None = None,
-) -> int:
-    """Write one event and a delivery per subscription that wants it; returns the deliveries."""
+    subscribers: list[sqlite3.Row],
+    *,
+    body: bytes | None = None,
+    addressed: bool = False,
+    lease: Lease | None = None,
+) -> tuple[int, list[DeliveryJob]]:
+    """Write one event (its body is the task's snapshot unless given) and a delivery per
+    subscriber that wants it; an event nobody wants is not written. With a lease, the
+    deliveries first in line are leased at once. Returns (deliveries written, those leased)."""
+    wanted = wanting(event_type, subscribers, addressed=addressed)
+    if not wanted:
+        return 0, []
+    if body is None:
+        assert task is not None
+        body = task_event_body(event_type, task, now=now)
     event = new_event(event_type, body, task, now)
-    task_id = event.task_id
     conn.execute(_INSERT_EVENT, event.params())
-    if subscription_id is not None:
-        rows = conn.execute("SELECT id, events FROM subscriptions WHERE id = ?", (subscription_id,)).fetchall()
-    elif task_id is not None:
-        rows = conn.execute(
-            "SELECT id, events FROM subscriptions WHERE enabled = 1 AND (task_id IS NULL OR task_id = ?)",
-            (task_id,),
-        ).fetchall()
-    else:
-        rows = conn.execute("SELECT id, events FROM subscriptions WHERE enabled = 1 AND task_id IS NULL").fetchall()
-    deliveries = delivery_rows(event, rows, addressed=subscription_id is not None)
+    deliveries = delivery_rows(event, wanted, addressed=True)
+    offered: list[DeliveryJob] = []
+    if lease is not None:
+        first = [_first_in_line(conn, row) for row in deliveries]
+        offered = offer(deliveries, wanted, first, lease, body)
     conn.executemany(_INSERT_DELIVERY, deliveries)
-    return len(deliveries)
+    return len(deliveries), offered
 
 
-def _transition(conn: sqlite3.Connection, *, task_id: str, decide: Decide, now: float) -> Applied:
+def _first_in_line(conn: sqlite3.Connection, row: dict[str, Any]) -> bool:
+    """No earlier event of the same task is pending for the same subscription."""
+    if row["task_id"] is None:
+        return True
+    earlier = conn.execute(
+        "SELECT 1 FROM deliveries WHERE status = 'pending' AND subscription_id = ? AND task_id = ? AND sequence < ?"
+        " LIMIT 1",
+        (row["subscription_id"], row["task_id"], row["sequence"]),
+    ).fetchone()
+    return earlier is None
+
+
+def _transition(
+    conn: sqlite3.Connection, *, task_id: str, decide: Decide, now: float, lease: Lease | None = None
+) -> Applied:
     task = _load_task(conn, task_id)
-    return _apply(conn, task, decide(task), now)
+    return _apply(conn, task, decide(task), now, lease)
 
 
-def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, report: Report, now: float) -> Applied:
+def _record_callback(
+    conn: sqlite3.Connection, *, callback: IncomingCallback, report: Report, now: float, lease: Lease | None = None
+) -> Applied:
     task = _load_task(conn, callback.task_id)
     duplicate = (
         conn.execute(
@@ -547,7 +606,7 @@ def _record_callback(conn: sqlite3.Connection, *, callback: IncomingCallback, re
         ).fetchone()
         is not None
     )
-    applied = _apply(conn, task, apply_report(task, report, now=now, duplicate=duplicate), now)
+    applied = _apply(conn, task, apply_report(task, report, now=now, duplicate=duplicate), now, lease)
     conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
 
@@ -595,7 +654,15 @@ def _delete_subscription(conn: sqlite3.Connection, *, subscription_id: str, now:
 def _emit_event(
     conn: sqlite3.Connection, *, event_type: EventType, data: JSON, subscription_id: str | None, now: float
 ) -> int:
-    return _insert_event(conn, event_type, event_body(event_type, data, now=now), None, now, subscription_id)
+    if subscription_id is not None:
+        subscribers = conn.execute("SELECT * FROM subscriptions WHERE id = ?", (subscription_id,)).fetchall()
+    else:
+        subscribers = _subscribers(conn, None)
+    body = event_body(event_type, data, now=now)
+    written, _ = _insert_event(
+        conn, event_type, None, now, subscribers, body=body, addressed=subscription_id is not None
+    )
+    return written
 
 
 # A pending delivery waits while an earlier event of its subscription and task is pending.
@@ -605,7 +672,7 @@ _FIRST_IN_LINE = """NOT EXISTS (
               AND p.task_id = d.task_id AND p.sequence < d.sequence)"""
 
 _CLAIMABLE = f"""
-    SELECT d.id FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
+    SELECT d.id, d.subscription_id, d.next_attempt_at FROM deliveries d JOIN subscriptions s ON s.id = d.subscription_id
      WHERE d.status = 'pending' AND d.next_attempt_at <= ?
        AND (d.lease_until IS NULL OR d.lease_until < ?)
        AND s.enabled = 1
@@ -617,10 +684,24 @@ def _not_in(column: str, values: Sequence[Any]) -> str:
 
 
 def _claim_deliveries(
-    conn: sqlite3.Connection, *, now: float, limit: int, owner: str, lease_until: float, exclude: tuple[str, ...]
+    conn: sqlite3.Connection,
+    *,
+    now: float,
+    limit: int,
+    owner: str,
+    lease_until: float,
+    exclude: tuple[str, ...],
+    per_subscription: int,
 ) -> list[DeliveryJob]:
-    sql = _CLAIMABLE + _not_in("d.subscription_id", exclude) + " ORDER BY d.next_attempt_at, d.id LIMIT ?"
-    ids = [row["id"] for row in conn.execute(sql, (now, now, *exclude, limit))]
+    # The earliest due deliveries (a bounded window), at most `per_subscription` of each subscription.
+    due = _CLAIMABLE + _not_in("d.subscription_id", exclude) + " ORDER BY d.next_attempt_at, d.id LIMIT ?"
+    sql = (
+        "SELECT id FROM (SELECT id, next_attempt_at, ROW_NUMBER() OVER"
+        f" (PARTITION BY subscription_id ORDER BY next_attempt_at, id) AS rank FROM ({due}))"
+        " WHERE rank <= ? ORDER BY next_attempt_at, id LIMIT ?"
+    )
+    window = max(limit * 4, 64)
+    ids = [row["id"] for row in conn.execute(sql, (now, now, *exclude, window, per_subscription, limit))]
     if not ids:
         return []
     marks = ",".join("?" * len(ids))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -549,9 +550,11 @@ async def test_an_open_breaker_pauses_by_the_injected_clock_and_spends_no_attemp
     assert await dispatcher.step() == pytest.approx(100.0, abs=0.01)  # both are due, yet it sleeps until the probe
     assert len(sender.sent) == 1
     clock.advance(100)
+    sender.gate = asyncio.Event()  # hold the probe
     await dispatcher.step()
     await asyncio.sleep(0.01)
-    assert len(sender.sent) == 2  # one probe alone
+    assert len(sender.sent) == 2 and dispatcher.in_flight == 1  # one probe alone; the other waits
+    sender.gate.set()
     await _settle(dispatcher)
     await dispatcher.step()
     await _settle(dispatcher)
@@ -562,3 +565,39 @@ async def test_an_open_breaker_pauses_by_the_injected_clock_and_spends_no_attemp
     done = await store.list_deliveries(DeliveryQuery(subscription_id=sub.id))
     assert all(d.status is DeliveryStatus.SUCCEEDED for d in done)
     assert sum(d.attempt_count for d in done) == len(sender.sent)
+
+
+async def test_offered_deliveries_go_at_once_and_what_an_endpoint_cannot_take_goes_back(bench) -> None:
+    from receiver.ids import new_id
+    from receiver.tasks import Task, record_submission
+    from receiver.types import TaskState
+
+    sender = ScriptedSender(Answer(200, 1.0))
+    sender.gate = asyncio.Event()
+    dispatcher, clock, store = await bench(sender, delivery_concurrency=1)
+    await _subscribe(store, clock)
+    dispatcher.start()
+    try:
+        for _ in range(3):
+            task = Task(id=new_id("tsk"), provider="xhuoapi", model="m", state=TaskState.QUEUED, request={},
+                        created_at=clock(), updated_at=clock(), expires_at=clock() + 3600)
+            await store.create_task(task)
+            applied = await store.transition(
+                task.id, partial(record_submission, upstream_task_id=f"up-{task.id}", now=clock())
+            )
+            assert len(applied.offered) == 1  # leased at creation, handed over without a claim
+        await asyncio.sleep(0.01)
+        assert len(sender.sent) == 1 and dispatcher.in_flight == 1  # the endpoint takes one at a time
+        await asyncio.gather(*dispatcher._chores)
+        # One waits in the endpoint's queue; the third went back to the outbox for anyone to claim.
+        [back] = await store.claim_deliveries(now=clock() + 1, limit=10, owner="other", lease_seconds=30)
+        await store.release_deliveries([back.delivery.id], "other")
+        sender.gate.set()
+        await _settle(dispatcher)
+        await _settle(dispatcher)
+        assert len(sender.sent) == 2
+        await dispatcher.step()
+        await _settle(dispatcher)
+        assert len(sender.sent) == 3
+    finally:
+        await dispatcher.close()

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver.delivery.sender import RESPONSE_BODY_LIMIT, HttpxSender
+from receiver.delivery.sender import RESPONSE_BODY_LIMIT, AiohttpSender
 from receiver.delivery.urlguard import UrlGuard
 from receiver.fakes.subscriber import FakeSubscriber
 from receiver.server import free_port, serve_in_background
@@ -31,8 +31,8 @@ async def sink() -> AsyncIterator[tuple[FakeSubscriber, str]]:
 
 
 @pytest.fixture
-async def sender() -> AsyncIterator[HttpxSender]:
-    sending = HttpxSender()
+async def sender() -> AsyncIterator[AiohttpSender]:
+    sending = AiohttpSender()
     yield sending
     await sending.aclose()
 
@@ -96,7 +96,7 @@ async def test_the_guard_refuses_at_connect_time_after_a_dns_rebind(sink) -> Non
     guard = UrlGuard(resolver=dns)
     await guard.check(f"http://hooks.example.com:{port}/hook")  # accepted when created
     dns.records["hooks.example.com"] = ["127.0.0.1"]  # then the name is pointed at the receiver's host
-    sender = HttpxSender(guard=guard)
+    sender = AiohttpSender(guard=guard)
     try:
         answer = await sender.send(f"http://hooks.example.com:{port}/hook", BODY, {}, timeout=5)
         literal = await sender.send(f"{url}/hook", BODY, {}, timeout=5)
@@ -126,7 +126,7 @@ async def test_the_sender_connects_to_the_checked_address_with_the_original_host
     fake, url = sink
     port = int(url.rsplit(":", 1)[1])
     guard = CountingGuard("127.0.0.1")
-    sender = HttpxSender(guard=guard)
+    sender = AiohttpSender(guard=guard)
     try:
         for _ in range(3):
             answer = await sender.send(f"http://hooks.example.com:{port}/hook", BODY, {}, timeout=5)
