@@ -24,6 +24,8 @@ started once per receiver process; see `_Launcher`.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
 import contextlib
 import json
 import os
@@ -48,6 +50,9 @@ log = get_logger("receiver.store")
 _LENGTH = struct.Struct("!I")
 _MAX_BATCH = 512  # operations per transaction
 _MAX_FRAME = 8 << 20  # bytes of operations per transaction (callbacks carry bodies of up to 1 MiB)
+# Batches on their way at once: the writer starts the next the moment one commits, without
+# waiting for the receiver to read its answer and send more.
+_PIPELINE = 2
 
 
 class _Launcher:
@@ -72,6 +77,20 @@ class _Launcher:
             socket.send_fds(self._control, [path.encode()], [sock.fileno()])
             return int(self._control.recv(64))
 
+    def close(self) -> None:
+        """End the helper (at interpreter exit): it leaves when its control socket closes."""
+        with self._lock:
+            if self._control is not None:
+                self._control.close()
+                self._control = None
+            if self._helper is not None:
+                try:
+                    self._helper.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._helper.kill()
+                    self._helper.wait()
+                self._helper = None
+
     def _start_helper(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, _CONTROL_FD: str(theirs.fileno()), _SYS_PATH: json.dumps(sys.path)}
@@ -88,6 +107,7 @@ class _Launcher:
 _CONTROL_FD = "RECEIVER_WRITER_CONTROL_FD"
 _SYS_PATH = "RECEIVER_WRITER_SYS_PATH"
 _launcher = _Launcher()
+atexit.register(_launcher.close)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -109,7 +129,7 @@ class WriterProcess:
         self.batches = 0  # commits made (for the benchmark and tests)
         self.operations = 0
         self._pending: list[tuple[bytes, asyncio.Future[Any]]] = []
-        self._inflight: list[asyncio.Future[Any]] | None = None
+        self._inflight: collections.deque[list[asyncio.Future[Any]]] = collections.deque()
         self._pid: int | None = None
         self._stream: asyncio.StreamWriter | None = None
         self._replies: asyncio.Task[None] | None = None
@@ -141,7 +161,7 @@ class WriterProcess:
     async def stop(self) -> None:
         """Let what is queued finish, then end the writer."""
         for _ in range(1000):  # bounded: ~10 s
-            if (self._inflight is None and not self._pending) or self._broken:
+            if (not self._inflight and not self._pending) or self._broken:
                 break
             await asyncio.sleep(0.01)
         self._stopping = True
@@ -182,7 +202,7 @@ class WriterProcess:
             raise TypeError(f"store operations must be picklable (module-level functions): {op!r}") from exc
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((frame, future))
-        if self._inflight is None:
+        if len(self._inflight) < _PIPELINE:
             self._ship()
         return await future
 
@@ -197,14 +217,14 @@ class WriterProcess:
             self._pending.pop(0)
             batch.append((frame, future))
             size += len(frame)
-        self._inflight = [future for _, future in batch]
+        self._inflight.append([future for _, future in batch])
         self._stream.write(_frame([frame for frame, _ in batch]))
 
     async def _reply_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 replies = await _read_frame(reader)
-                futures, self._inflight = self._inflight or [], None
+                futures = self._inflight.popleft()
                 for future, reply in zip(futures, replies, strict=True):
                     ok, value = pickle.loads(reply)
                     if future.done():  # the caller went away; the write stands
@@ -220,10 +240,11 @@ class WriterProcess:
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self._broken = self._broken or "the writer process ended"
             failure = StoreError("the SQLite writer stopped before answering")
-            for future in (self._inflight or []) + [future for _, future in self._pending]:
+            for future in [f for batch in self._inflight for f in batch] + [f for _, f in self._pending]:
                 if not future.done():
                     future.set_exception(failure)
-            self._inflight, self._pending = None, []
+            self._inflight.clear()
+            self._pending = []
             if not self._stopping:  # not a shutdown: the writer died; start another
                 log.error("store.writer_died", backend="sqlite", error=repr(exc)[:200])
                 self._revival = asyncio.create_task(self._revive(), name="receiver-sqlite-revive")
@@ -231,7 +252,9 @@ class WriterProcess:
     async def _revive(self) -> None:
         """Start a new writer after one died (what it was answering failed with StoreError:
         nothing acknowledged is lost, the transaction it held was rolled back)."""
-        self._stream = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         await self._reap()
         delay = 0.05
         while not self._stopping:
