@@ -99,6 +99,9 @@ class _Endpoint:
     breaker: Breaker
     in_flight: int = 0
     queue: collections.deque[DeliveryJob] = field(default_factory=collections.deque)
+    # Deliveries of this endpoint wait in the outbox: new ones join them there, in order,
+    # rather than overtaking them straight from an offer.
+    backlog: bool = False
 
 
 class Dispatcher:
@@ -139,7 +142,9 @@ class Dispatcher:
         for job in jobs:
             endpoint = self._endpoint(job.subscription.id)
             busy = len(self._sends) + self._queued() >= self.max_in_flight
-            if busy or self._capacity(endpoint, now) == 0 or len(endpoint.queue) >= self._room(endpoint, now):
+            full = self._capacity(endpoint, now) == 0 or len(endpoint.queue) >= self._room(endpoint, now)
+            if busy or full or endpoint.backlog:
+                endpoint.backlog = True
                 surplus.append(job.delivery.id)
                 continue
             endpoint.queue.append(job)
@@ -165,16 +170,24 @@ class Dispatcher:
         free = self.max_in_flight - len(self._sends) - self._queued()
         if free > 0:
             limit = min(self.batch, free)
+            excluded = self._full(now)
+            per_subscription = self.ctx.settings.delivery_concurrency
             jobs = await store.claim_deliveries(
                 now=now,
                 limit=limit,
                 owner=self.owner,
                 lease_seconds=self.lease_seconds,
-                exclude_subscriptions=self._full(now),
-                per_subscription=self.ctx.settings.delivery_concurrency,
+                exclude_subscriptions=excluded,
+                per_subscription=per_subscription,
             )
+            taken: collections.Counter[str] = collections.Counter()
             for job in jobs:
                 self._endpoint(job.subscription.id).queue.append(job)
+                taken[job.subscription.id] += 1
+            # An endpoint's backlog is gone once a claim could take all it had due.
+            for sid, endpoint in self._endpoints.items():
+                if endpoint.backlog and sid not in excluded and taken[sid] < per_subscription:
+                    endpoint.backlog = False
         else:
             jobs = []
         for endpoint in list(self._endpoints.values()):
@@ -212,8 +225,8 @@ class Dispatcher:
             send.add_done_callback(self._sends.discard)
 
     def _room(self, endpoint: _Endpoint, now: float) -> int:
-        """How many claimed deliveries an endpoint may hold waiting: one more round of its capacity."""
-        return self._capacity(endpoint, now)
+        """How many claimed deliveries an endpoint may hold waiting: two more rounds of its capacity."""
+        return 2 * self._capacity(endpoint, now)
 
     def _trim(self, endpoint: _Endpoint, now: float) -> list[DeliveryJob]:
         trimmed = []
@@ -293,6 +306,7 @@ class Dispatcher:
             if (
                 endpoint.in_flight == 0
                 and not endpoint.queue
+                and not endpoint.backlog
                 and endpoint.breaker.idle
                 and self._endpoints.get(subscription.id) is endpoint
             ):

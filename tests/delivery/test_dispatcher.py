@@ -578,7 +578,7 @@ async def test_offered_deliveries_go_at_once_and_what_an_endpoint_cannot_take_go
     await _subscribe(store, clock)
     dispatcher.start()
     try:
-        for _ in range(3):
+        for _ in range(4):
             task = Task(id=new_id("tsk"), provider="xhuoapi", model="m", state=TaskState.QUEUED, request={},
                         created_at=clock(), updated_at=clock(), expires_at=clock() + 3600)
             await store.create_task(task)
@@ -589,15 +589,16 @@ async def test_offered_deliveries_go_at_once_and_what_an_endpoint_cannot_take_go
         await asyncio.sleep(0.01)
         assert len(sender.sent) == 1 and dispatcher.in_flight == 1  # the endpoint takes one at a time
         await asyncio.gather(*dispatcher._chores)
-        # One waits in the endpoint's queue; the third went back to the outbox for anyone to claim.
+        # Two wait in the endpoint's queue (two rounds of its capacity); the fourth went back to the
+        # outbox for anyone to claim, and the endpoint's new deliveries now join it there, in order.
         [back] = await store.claim_deliveries(now=clock() + 1, limit=10, owner="other", lease_seconds=30)
         await store.release_deliveries([back.delivery.id], "other")
         sender.gate.set()
-        await _settle(dispatcher)
-        await _settle(dispatcher)
-        assert len(sender.sent) == 2
+        for _ in range(3):
+            await _settle(dispatcher)
+        assert len(sender.sent) == 3
         await dispatcher.step()
         await _settle(dispatcher)
-        assert len(sender.sent) == 3
+        assert len(sender.sent) == 4
     finally:
         await dispatcher.close()
