@@ -486,6 +486,10 @@ def scenario_latency(args: argparse.Namespace, work: Path, report: Report) -> No
     for moment, _, _, task_id in arrivals:
         if task_id is not None and task_id not in first:
             first[task_id] = moment
+    if os.environ.get("BENCH_DUMP"):
+        Path(os.environ["BENCH_DUMP"]).write_text(
+            json.dumps(sorted((sent[t], (first[t] - sent[t]) * 1000) for t in sent if t in first))
+        )
     latencies = sorted((first[t] - sent[t]) * 1000 for t in sent if t in first)
     missing = len(sent) - len(latencies)
 

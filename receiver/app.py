@@ -137,12 +137,12 @@ def create_app(
 
     return Starlette(
         routes=[
+            *callbacks.routes,  # first: the route every provider hits, matched before any other
             Mount(
                 "/v1",
                 routes=[*tasks.routes, *streams.routes, *subscriptions.routes, *deliveries.routes],
                 middleware=[Middleware(BearerAuth, keys=api_keys)],
             ),
-            *callbacks.routes,
             *assets.routes,
             *ops.routes,
         ],
