@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench import loadgen  # noqa: E402
-from bench.seed import BODY, SIGNING_KEY, seed_sqlite  # noqa: E402
+from bench.seed import BODY, SIGNING_KEY, drop_postgres_schema, seed_postgres, seed_sqlite  # noqa: E402
 from receiver.server import free_port  # noqa: E402
 
 # --- servers ------------------------------------------------------------------------
@@ -74,14 +75,24 @@ class Server:
                 self.process.wait()
 
     def rss(self) -> int:
-        assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+        """Memory of the server and every process it started (the SQLite writer and its helper):
+        the sum of their proportional set sizes, so pages they share are counted once."""
+        return sum(_pss_kb(pid) for pid in self._tree()) * 1024
 
     def peak_rss(self) -> int:
+        """The largest `rss()` sampled while `sampling()` ran (or now)."""
+        return max([rss for _, rss in self.samples] or [self.rss()])
+
+    def _tree(self) -> list[int]:
         assert self.process is not None
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(OSError):
+                    todo.extend(int(child) for child in (task / "children").read_text().split())
+        return found
 
     @contextmanager
     def sampling(self, every: float = 0.25) -> Iterator[None]:
@@ -102,6 +113,15 @@ class Server:
         finally:
             self._sampling = False
             thread.join()
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
+    return int(found.group(1)) if found else 0
 
 
 @contextmanager
@@ -266,6 +286,7 @@ def load(port: int, urls: Urls, *, connections: int, duration: float) -> Load:
 
 @dataclass
 class Report:
+    baseline_rps: float | None = None  # the bare endpoint, measured by the ingest scenario
     figures: dict[str, Any] = field(default_factory=dict)
     rows: list[tuple[str, ...]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -298,6 +319,7 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
     stored = _count(database, "SELECT count(*) FROM callbacks")
     acknowledged_total = warmup.ok + measured.ok + wide.ok
     ratio = measured.rate / baseline.rate
+    report.baseline_rps = baseline.rate
     report.figures["ingest"] = {
         "baseline_rps": round(baseline.rate, 1),
         "baseline_p50_ms": baseline.p50_ms,
@@ -346,6 +368,47 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
         report.notes.append(f"every acknowledged callback is stored ({stored} rows ≥ {acknowledged_total} 2xx)")
     if measured.tool != "wrk":
         report.notes.append("wrk is missing: the Python load generator was used; its own speed caps the figures")
+
+
+def scenario_postgres(args: argparse.Namespace, work: Path, report: Report) -> None:
+    """Callback ingest on PostgreSQL, beside SQLite's (no target yet: the ratio is reported)."""
+    base_url = os.environ.get("RECEIVER_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    url = f"{base_url}?schema=bench_{os.getpid()}_{int(time.time())}"
+    try:
+        seed_postgres(url, args.tasks, work / "pg-urls.txt")
+    except (OSError, ImportError) as exc:
+        report.notes.append(f"postgres: skipped, {base_url} is not reachable ({exc})")
+        return
+    urls = Urls(work / "pg-urls.txt", args.tasks)
+    try:
+        if report.baseline_rps is None:
+            with running(baseline_server(work)) as base:
+                load(base.port, urls, connections=args.connections, duration=min(2.0, args.duration))
+                report.baseline_rps = load(base.port, urls, connections=args.connections, duration=args.duration).rate
+            urls.cursor = 0
+        with running(receiver_server(work, url)) as server:
+            load(server.port, urls, connections=args.connections, duration=min(2.0, args.duration))
+            measured = load(server.port, urls, connections=args.connections, duration=args.duration)
+    finally:
+        drop_postgres_schema(url)
+    ratio = measured.rate / report.baseline_rps
+    sqlite_rps = report.figures.get("ingest", {}).get("receiver_rps")
+    report.figures["postgres"] = {
+        "receiver_rps": round(measured.rate, 1),
+        "receiver_p50_ms": measured.p50_ms,
+        "receiver_p99_ms": measured.p99_ms,
+        "ratio_to_baseline": round(ratio, 3),
+        "ratio_to_sqlite": round(measured.rate / sqlite_rps, 3) if sqlite_rps else None,
+        "errors": measured.errors,
+    }
+    report.row(
+        f"ingest: receiver on PostgreSQL, {args.connections} conns",
+        f"{measured.rate:,.0f}",
+        f"{ratio:.2f}",
+        f"{measured.p50_ms:.1f}",
+        f"{measured.p99_ms:.1f}",
+        "",
+    )
 
 
 def scenario_soak(args: argparse.Namespace, work: Path, report: Report) -> None:
@@ -528,6 +591,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, Path, Report], None]] = {
     "ingest": scenario_ingest,
     "latency": scenario_latency,
     "fanout": scenario_fanout,
+    "postgres": scenario_postgres,
     "soak": scenario_soak,
 }
 

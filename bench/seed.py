@@ -87,3 +87,43 @@ def seed_sqlite(path: Path, count: int, urls_file: Path) -> list[str]:
 def _write_urls(tasks: list[Task], urls_file: Path) -> None:
     signer = CallbackSigner([SIGNING_KEY])
     urls_file.write_text("".join(f"/callbacks/{signer.mint(t.id, max_age=86400, scope='xhuoapi')}\n" for t in tasks))
+
+
+def seed_postgres(url: str, count: int, urls_file: Path) -> list[str]:
+    """The same for PostgreSQL (`url` names its schema with ?schema=…); returns the task ids."""
+    import asyncpg
+
+    from receiver.store.postgres import PostgresStore
+
+    tasks = _tasks(count)
+
+    async def seed() -> None:
+        store = PostgresStore(url)
+        await store.open()  # creates the schema and migrates
+        await store.close()
+        schema = url.rsplit("schema=", 1)[1].split("&", 1)[0]
+        conn = await asyncpg.connect(url.split("?", 1)[0])
+        try:
+            records = [tuple(task_params(t)[c] for c in TASK_COLUMNS) for t in tasks]
+            await conn.copy_records_to_table("tasks", records=records, columns=TASK_COLUMNS, schema_name=schema)
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    _write_urls(tasks, urls_file)
+    return [t.id for t in tasks]
+
+
+def drop_postgres_schema(url: str) -> None:
+    import asyncpg
+
+    schema = url.rsplit("schema=", 1)[1].split("&", 1)[0]
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(url.split("?", 1)[0])
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())

@@ -117,7 +117,7 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # a 200 means the callback survives power loss
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
-    conn.execute("PRAGMA cache_size=-65536")  # 64 MiB of pages: the hot tasks stay in memory
+    conn.execute("PRAGMA cache_size=-16384")  # 16 MiB of pages (SQLite's default is 2 MiB)
     return conn
 
 
