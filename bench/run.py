@@ -623,16 +623,19 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured load run")
-    parser.add_argument("--soak", type=float, default=60.0, help="seconds of the memory soak")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per measured load run (10)")
+    parser.add_argument("--soak", type=float, default=None, help="seconds of the memory soak (60)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rate", type=float, default=1000.0, help="callbacks/s of the latency run")
-    parser.add_argument("--tasks", type=int, default=300_000, help="tasks seeded per database")
+    parser.add_argument("--tasks", type=int, default=None, help="tasks seeded per database (300000)")
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test of the harness")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.soak, args.tasks = 2.0, 8.0, 20_000
+    quick = {"duration": 2.0, "soak": 8.0, "tasks": 20_000}
+    full = {"duration": 10.0, "soak": 60.0, "tasks": 300_000}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
