@@ -187,24 +187,12 @@ class SQLiteStore:
         return task_from_row(rows[0]) if rows else None
 
     async def list_tasks(self, query: TaskQuery) -> list[Task]:
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (
-            ("upstream_task_id", query.upstream_task_id),
-            ("state", query.state.value if query.state else None),
-            ("provider", query.provider),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if query.before_id:
-            where.append("id < ?")
-            params.append(query.before_id)
-        sql = "SELECT * FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(query.limit)
+        filters = {
+            "upstream_task_id": query.upstream_task_id,
+            "state": query.state.value if query.state else None,
+            "provider": query.provider,
+        }
+        sql, params = _page("tasks", filters, query.before_id, query.limit)
         return [task_from_row(row) for row in await self._read(sql, params)]
 
     async def transition(self, task_id: str, decide: Decide) -> Applied:
@@ -320,24 +308,12 @@ class SQLiteStore:
         return found[0] if found else None
 
     async def list_deliveries(self, query: DeliveryQuery) -> list[Delivery]:
-        where: list[str] = []
-        params: list[Any] = []
-        for column, value in (
-            ("subscription_id", query.subscription_id),
-            ("task_id", query.task_id),
-            ("status", query.status.value if query.status else None),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if query.before_id:
-            where.append("id < ?")
-            params.append(query.before_id)
-        sql = "SELECT * FROM deliveries"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(query.limit)
+        filters = {
+            "subscription_id": query.subscription_id,
+            "task_id": query.task_id,
+            "status": query.status.value if query.status else None,
+        }
+        sql, params = _page("deliveries", filters, query.before_id, query.limit)
         return await self._deliveries(sql, params)
 
     async def _deliveries(self, sql: str, params: Sequence[Any]) -> list[Delivery]:
@@ -413,7 +389,19 @@ class SQLiteStore:
         return {"tasks": tasks, "pending_deliveries": pending[0]["n"], "jobs": jobs}
 
 
-# --- operations run on the writer thread ---------------------------------------
+def _page(table: str, filters: dict[str, Any], before_id: str | None, limit: int) -> tuple[str, list[Any]]:
+    """`SELECT * FROM table` where each given filter equals its value, newest first (ids sort by
+    creation time), after the cursor `before_id`."""
+    where = [f"{column} = ?" for column, value in filters.items() if value is not None]
+    params: list[Any] = [value for value in filters.values() if value is not None]
+    if before_id:
+        where.append("id < ?")
+        params.append(before_id)
+    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+    return sql, [*params, limit]
+
+
+# --- operations run by the writer process ---------------------------------------
 
 
 def _statements(sql: str) -> Iterable[str]:
