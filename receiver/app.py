@@ -34,6 +34,7 @@ from receiver.errors import EXCEPTION_HANDLERS
 from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
+from receiver.mirror import MIRROR, Mirror
 from receiver.providers import Providers, signatures_for
 from receiver.routes import assets, callbacks, deliveries, ops, streams, subscriptions, tasks
 from receiver.signing import AssetSigner, CallbackSigner
@@ -119,7 +120,8 @@ def create_app(
                 workers.add("expiry", lambda: expire_due_tasks(ctx), topic="expiry", idle=5.0)
                 # Polls, and calls to synchronous providers (one job kind per provider).
                 calls = {name: sync_calls.call_once for name in ctx.providers.names() if ctx.providers.sync(name)}
-                jobs = JobRunner(ctx, {polling.KIND: polling.poll_once, **calls})
+                mirror = Mirror(settings, ctx.url_guard)  # keeps succeeded tasks' images (receiver.mirror)
+                jobs = JobRunner(ctx, {polling.KIND: polling.poll_once, MIRROR: mirror.run, **calls})
                 workers.add("jobs", jobs.step, topic="jobs", idle=1.0)
                 workers.add("deliveries", dispatcher.step, topic="deliveries", idle=30.0)
                 await workers.start()
@@ -130,6 +132,7 @@ def create_app(
                     app.state.draining.set()
                     await workers.stop()
                     await jobs.stop()
+                    await mirror.aclose()
                     await dispatcher.close()
                     await sender.aclose()
         finally:

@@ -17,6 +17,7 @@ ReceiverError
 │   ├── ProviderRefused        502 with the provider's error and the failed task
 │   └── SignatureKeysUnavailable  503 provider_keys_unavailable (Retry-After)
 ├── ProviderError              an upstream call failed (refused, unreachable, garbled)
+├── AssetUnavailable           an image to keep could not be downloaded (code, retryable)
 └── StoreError                 the database could not do what was asked (503 store_unavailable)
 """
 
@@ -240,6 +241,23 @@ class ProviderError(ReceiverError):
 
     def as_task_error(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, **self.details}
+
+
+class AssetUnavailable(ReceiverError):
+    """An image the receiver was to keep could not be downloaded (receiver.mirror).
+
+    `code`: download_failed, asset_too_large, not_an_image or url_not_allowed; `retryable`: the
+    reason may pass (a timeout, a refused connection, 5xx, 429), so trying again later makes sense.
+    """
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+    def as_error(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
 
 
 class StoreError(ReceiverError):

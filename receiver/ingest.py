@@ -26,13 +26,14 @@ from receiver.context import Context
 from receiver.errors import InvalidPayload, NotFound
 from receiver.ids import new_id
 from receiver.logs import get_logger
+from receiver.mirror import marked
 from receiver.providers import dialect_for
 from receiver.providers.base import Answer
 from receiver.providers.signatures import SignatureCheck
 from receiver.signing import Claims
 from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback
 from receiver.tasks import Report, Task
-from receiver.types import JSON
+from receiver.types import JSON, TaskState
 
 log = get_logger("receiver.callbacks")
 
@@ -89,11 +90,14 @@ async def record(
 
     Every result takes this path, pushed (a callback), pulled (a poll) or answered (a synchronous
     call); inline images (`b64_json`) are moved to the asset store first, so a task never holds
-    image bytes. `headers` name the source (`x-receiver-source`) of what was not a callback;
+    image bytes; a success's images are then kept before it is announced (receiver.mirror).
+    `headers` name the source (`x-receiver-source`) of what was not a callback;
     `signature` is how a callback's provider signature was checked.
     """
     if report.has_inline_images:
         report = await ctx.assets.inline_images(report)
+    if report.state is TaskState.SUCCEEDED:
+        report = marked(ctx.settings, report)  # its event waits until the images are kept
     callback = IncomingCallback(
         id=new_id("cb", ctx.clock),
         task_id=task_id,

@@ -1,4 +1,4 @@
-"""Background jobs tied to tasks (polls, synchronous provider calls), run from the jobs table.
+"""Background jobs tied to tasks (polls, synchronous provider calls, mirroring), run from the jobs table.
 
     runner = JobRunner(ctx, {"poll": poll_once, "router": call_once})
     workers.add("jobs", runner.step, topic="jobs", idle=1.0)
@@ -58,7 +58,7 @@ class JobRunner:
         self.handlers = dict(handlers)
         self.concurrency = concurrency
         # A lease outlives one upstream request: a job claimed by a runner that died is free again after it.
-        self.lease_seconds = ctx.settings.provider_timeout + 30.0
+        self.lease_seconds = max(ctx.settings.provider_timeout, ctx.settings.mirror_timeout) + 30.0
         self.owner = f"jobs-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._running: set[asyncio.Task[None]] = set()
 

@@ -18,6 +18,7 @@ from receiver.context import Context
 from receiver.errors import Conflict, ProviderError, ProviderRefused
 from receiver.ids import new_id
 from receiver.logs import get_logger
+from receiver.mirror import marked
 from receiver.polling import first_poll
 from receiver.providers.base import Upload
 from receiver.providers.catalog import ValidatedRequest, validate
@@ -138,6 +139,7 @@ async def _send(ctx: Context, task: Task, uploads: Sequence[Upload]) -> Task:
     log.info("task.submitted", task_id=task.id, provider=task.provider, upstream_task_id=upstream)
     report = submission.report
     if report is not None:
+        report = marked(ctx.settings, report)
         applied = await ctx.store.transition(task.id, partial(apply_report, report=report, now=ctx.clock()))
     return applied.task
 

@@ -58,6 +58,11 @@ class Task(Value):
     def terminal(self) -> bool:
         return self.state.terminal
 
+    @property
+    def mirroring(self) -> bool:
+        """Succeeded, its images still being kept (receiver.mirror): its `task.succeeded` waits."""
+        return self.result is not None and self.result.get("mirror") == MIRROR_PENDING
+
     def to_api(self) -> JSON:
         return {
             "id": self.id,
@@ -95,6 +100,7 @@ class Report(Value):
     progress: float | None = None
     dialect: str | None = None
     warnings: tuple[str, ...] = ()
+    mirror: bool = False  # keep the images (receiver.mirror) before the success is announced
 
     @property
     def has_inline_images(self) -> bool:
@@ -108,6 +114,11 @@ class Report(Value):
         if self.state is not TaskState.SUCCEEDED:
             return None
         return {"images": [{"asset_url": None, **image} for image in self.images]}
+
+
+#: The job that keeps a succeeded task's images (receiver.mirror), and `result.mirror`'s values.
+MIRROR = "mirror"
+MIRROR_PENDING, MIRROR_DONE, MIRROR_FAILED = "pending", "done", "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +208,8 @@ def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = Fa
         return Transition(None, verdict=Verdict.IGNORED, reason=reason)
 
     if report.state.terminal:
-        return _moved(task, report.state, now=now, result=report.result(), error=report.error, **adopt)
+        moved = _moved(task, report.state, now=now, result=report.result(), error=report.error, **adopt)
+        return _held_for_mirroring(moved, now=now) if report.mirror else moved
     if report.state is TaskState.RUNNING and task.state is not TaskState.RUNNING:
         return _moved(task, TaskState.RUNNING, now=now, **adopt)
     if report.state is TaskState.SUBMITTED and task.state is TaskState.QUEUED:
@@ -205,6 +217,41 @@ def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = Fa
     # Progress that changes no state: kept in the callback log, the task only
     # learns its upstream id if it did not know it yet.
     return Transition(task.replace(updated_at=now, **adopt) if adopt else None)
+
+
+def _held_for_mirroring(transition: Transition, *, now: float) -> Transition:
+    """A success whose images are to be kept: stored at once, marked `mirror: pending`, its event
+    held back and a mirror job scheduled in the same transaction (`keep_images` ends it)."""
+    new = transition.task
+    if new is None or new.state is not TaskState.SUCCEEDED or new.result is None:
+        return transition
+    if not any(wants_mirroring(image) for image in new.result.get("images", [])):
+        return transition  # nothing to download (images the receiver already serves)
+    held = new.replace(result={**new.result, "mirror": MIRROR_PENDING})
+    return Transition(held, (), jobs=(JobSpec(MIRROR, now),))
+
+
+def wants_mirroring(image: Mapping[str, Any]) -> bool:
+    """An image with a URL of its own and no copy at the receiver yet."""
+    return isinstance(image.get("url"), str) and not image.get("asset_url")
+
+
+def keep_images(task: Task, images: Sequence[JSON], *, now: float) -> Transition:
+    """Mirroring ended: write the images (with `asset_url`, or `asset_error` for those that could
+    not be kept) and announce the success held back. Once only: a task no longer `mirroring` is
+    left alone, so a job that runs twice never sends a second `task.succeeded`."""
+    if not task.mirroring or task.result is None:
+        return Transition(None, verdict=Verdict.IGNORED, reason="not mirroring")
+    failed = [(i, image["asset_error"]) for i, image in enumerate(images) if image.get("asset_error")]
+    warnings = tuple(
+        f"image {i} was not kept ({error.get('code')}): {error.get('message')}"
+        for i, error in failed
+        if isinstance(error, Mapping)
+    )
+    result = {**task.result, "images": [dict(image) for image in images]}
+    result["mirror"] = MIRROR_FAILED if failed else MIRROR_DONE
+    new = task.replace(result=result, updated_at=now, warnings=(*task.warnings, *warnings))
+    return Transition(new, (EventType.SUCCEEDED,))
 
 
 def record_submission(

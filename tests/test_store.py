@@ -29,7 +29,17 @@ from receiver.store.base import (
 )
 from receiver.store.postgres import ConnectTarget, PostgresStore, parse_url
 from receiver.store.sqlite import SQLiteStore
-from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, cancel, record_submission
+from receiver.tasks import (
+    MIRROR,
+    JobSpec,
+    Report,
+    Task,
+    Transition,
+    apply_report,
+    cancel,
+    keep_images,
+    record_submission,
+)
 from receiver.types import DeliveryStatus, EventType, TaskState, Verdict
 from tests.conftest import POSTGRES_URL, needs_postgres, postgres_database
 
@@ -605,6 +615,23 @@ async def test_transitions_schedule_jobs(store: Store) -> None:
     assert job.task_id == task.id
 
 
+async def test_a_success_being_mirrored_is_announced_when_its_images_are_kept(store: Store) -> None:
+    await store.create_subscription(subscription(events=("task.succeeded",)))
+    task = await submitted(store)
+    report = succeeded(task.upstream_task_id).replace(mirror=True)
+    held = await store.record_callback(callback(task), report)
+    assert held.task.state is TaskState.SUCCEEDED and held.task.mirroring and held.deliveries == 0
+    [job] = await store.claim_jobs([MIRROR], now=time.time() + 1, limit=5, owner="w", lease_seconds=30)
+    kept = ({**IMAGE, "asset_url": "https://r.example/assets/t"},)
+    done = await store.transition(task.id, partial(keep_images, images=kept, now=time.time()))
+    assert done.deliveries == 1 and not done.task.mirroring and done.task.sequence == held.task.sequence
+    again = await store.transition(task.id, partial(keep_images, images=kept, now=time.time()))
+    assert again.deliveries == 0 and not again.transition.changed
+    [delivery] = await store.claim_deliveries(now=time.time() + 1, limit=5, owner="w", lease_seconds=30)
+    assert delivery.delivery.event_type == "task.succeeded" and b"https://r.example/assets/t" in delivery.body
+    await store.finish_job(job.id)
+
+
 # --- backend specifics ------------------------------------------------------------
 
 
@@ -878,3 +905,4 @@ async def test_postgres_the_listener_survives_a_terminated_connection(logs, monk
         with b.feed.listen(later.id) as on_b:
             await a.transition(later.id, partial(cancel, now=time.time()))
             await reaches(on_b, TaskState.CANCELLED)  # and it listens again
+

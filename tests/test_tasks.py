@@ -4,6 +4,7 @@ import pytest
 
 from receiver.errors import Conflict, TaskMismatch
 from receiver.tasks import (
+    MIRROR,
     IllegalTransition,
     JobSpec,
     Report,
@@ -12,6 +13,7 @@ from receiver.tasks import (
     apply_report,
     cancel,
     expire,
+    keep_images,
     record_refusal,
     record_submission,
 )
@@ -209,3 +211,55 @@ def test_values_replace_and_pickle_cheaply() -> None:
     assert (changed.sequence, changed.warnings, changed.id) == (9, ("w",), original.id)
     with pytest.raises(TypeError):
         original.replace(colour="red")
+
+
+# --- mirroring: the success is stored at once, announced when the images are kept ---------------
+
+
+def test_a_success_to_mirror_is_stored_without_its_event_and_with_a_mirror_job() -> None:
+    report = Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,), mirror=True)
+    held = apply_report(task(), report, now=NOW)
+    assert held.task is not None and held.task.state is TaskState.SUCCEEDED and held.task.sequence == 3
+    assert held.events == () and held.jobs == (JobSpec(MIRROR, NOW),)
+    assert held.task.result == {"images": [{"asset_url": None, **IMAGE}], "mirror": "pending"}
+    assert held.task.mirroring
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        pytest.param(Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,)), id="mirroring-off"),
+        pytest.param(
+            Report(TaskState.SUCCEEDED, "up-1", images=({"url": "u", "asset_url": "mine"},), mirror=True),
+            id="already-kept",
+        ),
+        pytest.param(Report(TaskState.FAILED, "up-1", error={"code": "x"}, mirror=True), id="a-failure"),
+    ],
+)
+def test_nothing_to_mirror_announces_at_once(report: Report) -> None:
+    moved = apply_report(task(), report, now=NOW)
+    assert moved.events == (EventType.for_state(report.state),) and moved.jobs == ()
+    assert moved.task is not None and not moved.task.mirroring
+
+
+def test_keeping_the_images_announces_the_success_once() -> None:
+    held = apply_report(task(), Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE, IMAGE), mirror=True), now=NOW)
+    assert held.task is not None
+    kept = {**IMAGE, "asset_url": "https://r.example/assets/t"}
+    lost = {**IMAGE, "asset_url": None, "asset_error": {"code": "not_an_image", "message": "text/html"}}
+    done = keep_images(held.task, (kept, lost), now=NOW + 2)
+    assert done.events == (EventType.SUCCEEDED,) and done.task is not None
+    assert done.task.sequence == held.task.sequence  # not a state change: the same sequence
+    assert done.task.result == {"images": [kept, lost], "mirror": "failed"}
+    assert done.task.warnings == ("image 1 was not kept (not_an_image): text/html",)
+    assert not done.task.mirroring and done.task.updated_at == NOW + 2
+    again = keep_images(done.task, (kept, kept), now=NOW + 3)
+    assert again.task is None and again.events == () and again.verdict is Verdict.IGNORED
+    assert keep_images(held.task, (kept, kept), now=NOW).task.result["mirror"] == "done"  # type: ignore[union-attr]
+
+
+def test_late_callbacks_while_mirroring_are_ignored() -> None:
+    held = apply_report(task(), Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,), mirror=True), now=NOW)
+    assert held.task is not None
+    late = apply_report(held.task, Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,), mirror=True), now=NOW)
+    assert (late.task, late.verdict, late.reason) == (None, Verdict.IGNORED, "repeat")

@@ -185,7 +185,19 @@ class FakeProvider:
         return _json({"ok": True})
 
     async def image(self, request: Request) -> Response:
-        return Response(PNG, media_type="image/png", headers={"cache-control": "no-store"})
+        """The generated "image"; for mirroring tests, `?status=503` answers that error, `?type=text/html`
+        declares another type, `?size=N` pads the PNG to N bytes, `?bytes=text` sends no image at all
+        and `?delay=S` answers after S seconds."""
+        query = request.query_params
+        if query.get("delay"):
+            await asyncio.sleep(float(query["delay"]))
+        if query.get("status", "200") != "200":
+            return Response(b"unavailable", status_code=int(query["status"]), media_type="text/plain")
+        body = PNG if query.get("bytes") != "text" else b"<html>not an image</html>"
+        if query.get("size", "").isdigit():
+            body = body.ljust(int(query["size"]), b"\0")
+        media_type = query.get("type", "image/png")
+        return Response(body, media_type=media_type, headers={"cache-control": "no-store"})
 
     def later(self, delay: float, action: Callable[[], Awaitable[None]]) -> None:
         """Run `action` after `delay` seconds in the background (cancelled at shutdown)."""

@@ -9,9 +9,11 @@ would rather hold a connection than host an endpoint.
 
 The task as it is now, then one event per change (`id` is the task's
 `sequence`, `event` is `task.<state>`, `data` the task), and the stream ends
-after a terminal state. A comment line every `HEARTBEAT` seconds keeps proxies
-from closing a quiet stream; the stream also ends when the client goes away or
-the receiver shuts down.
+after a terminal state — once a succeeded task's images are kept (receiver.mirror):
+while they are downloaded it shows `result.mirror: "pending"`, and the task is sent
+once more (same `id`) with its asset URLs before the stream ends. A comment
+line every `HEARTBEAT` seconds keeps proxies from closing a quiet stream; the
+stream also ends when the client goes away or the receiver shuts down.
 """
 
 from __future__ import annotations
@@ -62,14 +64,14 @@ async def stream(ctx: Context, task_id: str, draining: asyncio.Event) -> AsyncIt
         if task is None:
             return
         yield b"retry: %d\n" % RECONNECT_MS + frame(task)
-        while not task.terminal:
+        while not task.terminal or task.mirroring:
             change = await _next_change(changes, draining)
             if draining.is_set():
                 yield b": the receiver is shutting down\n\n"
                 return
             if change is None:
                 yield b": heartbeat\n\n"
-            elif change.sequence > task.sequence:
+            elif change.sequence > task.sequence or (task.mirroring and not change.mirroring):
                 task = change
                 yield frame(task)
 
