@@ -6,6 +6,9 @@
     feed.wake("deliveries")                    # a worker waiting on that topic runs now
     await feed.wait("deliveries", timeout=1.0)
 
+    with feed.watch() as everything:           # every task change, and notices (the dashboard)
+        item = await everything.get()          # a Task, or a Notice: callback logged, delivery attempted
+
 Stores publish here after each commit. A backend shared by several processes
 (PostgreSQL) also publishes what other instances committed, so long-polls,
 SSE streams and workers react whichever instance took the write.
@@ -16,16 +19,38 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from receiver.tasks import Task
 
 _QUEUE_SIZE = 256
+T = TypeVar("T")
+
+#: Notice kinds: a callback was logged (`id` = cb_…), a delivery was attempted (`id` = dlv_…).
+CALLBACK, DELIVERY = "callback", "delivery"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something stored that is not a task change, for watchers: ids only, the details are read."""
+
+    kind: str
+    task_id: str | None
+    id: str
+
+
+def _put(queue: asyncio.Queue[T], item: T) -> None:
+    if queue.full():  # a slow reader loses the oldest change, never blocks writers
+        with suppress(asyncio.QueueEmpty):
+            queue.get_nowait()
+    queue.put_nowait(item)
 
 
 class ChangeFeed:
     def __init__(self) -> None:
         self._listeners: dict[str | None, set[asyncio.Queue[Task]]] = {}
+        self._watchers: set[asyncio.Queue[Task | Notice]] = set()
         self._topics: dict[str, asyncio.Event] = {}
         self._taker: Callable[[Sequence[Any]], None] | None = None
         self.offer_lease: tuple[str, float] | None = None  # (owner, lease seconds) while a taker listens
@@ -47,10 +72,29 @@ class ChangeFeed:
     def publish(self, task: Task) -> None:
         for key in (task.id, None):
             for queue in self._listeners.get(key, ()):
-                if queue.full():  # a slow reader loses the oldest change, never blocks writers
-                    with suppress(asyncio.QueueEmpty):
-                        queue.get_nowait()
-                queue.put_nowait(task)
+                _put(queue, task)
+        for watcher in self._watchers:
+            _put(watcher, task)
+
+    def notice(self, kind: str, task_id: str | None, item_id: str) -> None:
+        """Tell the watchers that a callback was logged or a delivery attempted (a no-op without any)."""
+        if self._watchers:
+            notice = Notice(kind, task_id, item_id)
+            for watcher in self._watchers:
+                _put(watcher, notice)
+
+    @contextmanager
+    def watch(self) -> Iterator[asyncio.Queue[Task | Notice]]:
+        """Every task change and every notice, as long as the block runs (the dashboard's stream)."""
+        queue: asyncio.Queue[Task | Notice] = asyncio.Queue(_QUEUE_SIZE)
+        self._watchers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._watchers.discard(queue)
+
+    def watcher_count(self) -> int:
+        return len(self._watchers)
 
     @contextmanager
     def listen(self, task_id: str | None) -> Iterator[asyncio.Queue[Task]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from receiver.broadcast import Notice
 from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.ids import new_id
 from receiver.store import create_store, migrations
@@ -615,6 +616,28 @@ async def test_transitions_schedule_jobs(store: Store) -> None:
     assert job.task_id == task.id
 
 
+async def test_watchers_hear_of_every_change_callback_and_delivery_attempt(store: Store) -> None:
+    await store.create_subscription(subscription())
+    task = await submitted(store)
+    with store.feed.watch() as everything:
+        logged, repeated = callback(task, b'{"progress": 1}'), callback(task, b'{"progress": 1}')
+        await store.record_callback(logged, Report(TaskState.RUNNING, task.upstream_task_id))
+        await store.record_callback(repeated, Report(TaskState.RUNNING, task.upstream_task_id))  # a duplicate
+        [job] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)
+        attempt = Attempt(at=time.time(), status_code=500, latency_ms=3.0, error="HTTP 500")
+        await store.finish_attempt(job.delivery.id, "w", AttemptOutcome(attempt, DeliveryStatus.FAILED))
+        await store.retry_delivery(job.delivery.id, now=time.time())
+        seen = [everything.get_nowait() for _ in range(everything.qsize())]
+    assert [getattr(item, "state", None) for item in seen if isinstance(item, Task)] == [TaskState.RUNNING]
+    assert [(n.kind, n.task_id, n.id) for n in seen if isinstance(n, Notice)] == [
+        ("callback", task.id, logged.id),
+        ("callback", task.id, repeated.id),
+        ("delivery", task.id, job.delivery.id),
+        ("delivery", task.id, job.delivery.id),
+    ]
+    assert store.feed.watcher_count() == 0
+
+
 async def test_a_success_being_mirrored_is_announced_when_its_images_are_kept(store: Store) -> None:
     await store.create_subscription(subscription(events=("task.succeeded",)))
     task = await submitted(store)
@@ -906,3 +929,18 @@ async def test_postgres_the_listener_survives_a_terminated_connection(logs, monk
             await a.transition(later.id, partial(cancel, now=time.time()))
             await reaches(on_b, TaskState.CANCELLED)  # and it listens again
 
+
+@needs_postgres
+async def test_postgres_watchers_hear_what_the_other_instances_store() -> None:
+    async with instances() as (a, b):
+        task = await submitted(a)
+        with b.feed.watch() as on_b:
+            logged, repeated = callback(task), callback(task)
+            await a.record_callback(logged, Report(TaskState.RUNNING, task.upstream_task_id))
+            await a.record_callback(repeated, Report(TaskState.RUNNING, task.upstream_task_id))  # a duplicate
+            seen: list[object] = []
+            async with asyncio.timeout(5):
+                while len(seen) < 3:
+                    seen.append(await on_b.get())
+        assert {item.id for item in seen if isinstance(item, Notice)} == {logged.id, repeated.id}
+        assert [item.state for item in seen if isinstance(item, Task)] == [TaskState.RUNNING]

@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 import orjson
 
-from receiver.broadcast import ChangeFeed
+from receiver.broadcast import CALLBACK, DELIVERY, ChangeFeed
 from receiver.clock import system_clock
 from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.events import event_body, task_event_body
@@ -380,22 +380,34 @@ class PostgresStore:
         except DRIVER_ERRORS as exc:
             raise StoreError(str(exc)) from exc
 
-    async def _notify(self, conn: Any, *, tasks: Sequence[str] = (), wake: Iterable[str] = ()) -> None:
-        """Tell the other instances, on commit, which tasks changed and which workers have work."""
+    async def _notify(
+        self,
+        conn: Any,
+        *,
+        tasks: Sequence[str] = (),
+        wake: Iterable[str] = (),
+        notices: Sequence[tuple[str, str | None, str]] = (),
+    ) -> None:
+        """Tell the other instances, on commit, which tasks changed, which workers have work and
+        what their watchers should hear of (`notices`: kind, task id, id; see ChangeFeed.notice)."""
         topics = sorted(set(wake))
-        if not tasks and not topics:
+        if not tasks and not topics and not notices:
             return
         chunks = [tasks[i : i + _NOTIFY_IDS] for i in range(0, len(tasks), _NOTIFY_IDS)] or [()]
-        payloads = [
-            orjson.dumps({"from": self.instance, "tasks": list(ids), "wake": topics}).decode() for ids in chunks
-        ]
+        messages: list[dict[str, Any]] = [{"from": self.instance, "tasks": list(ids), "wake": topics} for ids in chunks]
+        if notices:
+            messages[0]["notices"] = [list(notice) for notice in notices]
+        payloads = [orjson.dumps(message).decode() for message in messages]
         await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self.channel, payloads)
 
-    async def _notify_applied(self, conn: Any, applied: Sequence[Applied]) -> None:
+    async def _notify_applied(
+        self, conn: Any, applied: Sequence[Applied], *, notices: Sequence[tuple[str, str | None, str]] = ()
+    ) -> None:
         await self._notify(
             conn,
             tasks=[a.task.id for a in applied if a.transition.changed],
             wake=[topic for a in applied for topic in wakes(a)],
+            notices=notices,
         )
 
     # Tasks ---------------------------------------------------------------------
@@ -499,7 +511,8 @@ class PostgresStore:
             transition = apply_report(task, report, now=moment, duplicate=duplicate)
             applied = await _apply(conn, task, transition, moment, self._lease(moment))
             await conn.execute(_INSERT_CALLBACK, *_values(callback_row(callback, applied, report), CALLBACK_COLUMNS))
-            await self._notify_applied(conn, [applied])
+            await self._notify_applied(conn, [applied], notices=[(CALLBACK, callback.task_id, callback.id)])
+        self.feed.notice(CALLBACK, callback.task_id, callback.id)
         return announce(self.feed, applied)
 
     async def list_callbacks(self, task_id: str) -> list[StoredCallback]:
@@ -624,7 +637,7 @@ class PostgresStore:
         attempt = outcome.attempt
         async with self._transaction() as conn:
             row = await conn.fetchrow(
-                "SELECT lease_owner, subscription_id FROM deliveries WHERE id = $1 FOR UPDATE", delivery_id
+                "SELECT lease_owner, subscription_id, task_id FROM deliveries WHERE id = $1 FOR UPDATE", delivery_id
             )
             if row is None:
                 return
@@ -668,7 +681,9 @@ class PostgresStore:
                     attempt.at,
                     subscription_id,
                 )
-            await self._notify(conn, wake=[DELIVERIES] if final else [])
+            notice = (DELIVERY, row["task_id"], delivery_id)
+            await self._notify(conn, wake=[DELIVERIES] if final else [], notices=[notice])
+        self.feed.notice(*notice)
         if final:
             self.feed.wake(DELIVERIES)
 
@@ -734,17 +749,18 @@ class PostgresStore:
 
     async def retry_delivery(self, delivery_id: str, *, now: float) -> Delivery | None:
         async with self._transaction() as conn:
-            status = await conn.execute(
+            found = await conn.fetchrow(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, lease_owner = NULL,"
-                " lease_until = NULL, updated_at = $1 WHERE id = $2",
+                " lease_until = NULL, updated_at = $1 WHERE id = $2 RETURNING task_id",
                 now,
                 delivery_id,
             )
-            found = _rowcount(status) > 0
-            await self._notify(conn, wake=[DELIVERIES] if found else [])
-        if not found:
-            return None
+            if found is None:
+                return None
+            notice = (DELIVERY, found["task_id"], delivery_id)
+            await self._notify(conn, wake=[DELIVERIES], notices=[notice])
         self.feed.wake(DELIVERIES)
+        self.feed.notice(*notice)
         return await self.get_delivery(delivery_id)
 
     async def recover_deliveries(self, subscription_id: str, *, since: float, now: float) -> int:
@@ -820,7 +836,8 @@ class PostgresStore:
     # Notifications from the other instances -------------------------------------
     async def _republish(self, task_ids: Iterable[str]) -> None:
         """Publish the current state of tasks another instance changed, if anyone here listens."""
-        wanted = [t for t in task_ids if self.feed.listener_count(t) or self.feed.listener_count(None)]
+        everything = self.feed.listener_count(None) or self.feed.watcher_count()
+        wanted = [t for t in task_ids if everything or self.feed.listener_count(t)]
         if wanted:
             for row in await self._fetch("SELECT * FROM tasks WHERE id = ANY($1::text[])", wanted):
                 self.feed.publish(task_from_row(row))
@@ -1045,6 +1062,10 @@ class _Listener:
             return
         for topic in topics:
             self.store.feed.wake(topic)
+        for notice in message.get("notices", ()):
+            with contextlib.suppress(TypeError, ValueError):
+                kind, task_id, item_id = notice
+                self.store.feed.notice(kind, task_id, item_id)
         if tasks:
             self._pending.update(tasks)
             self._kick.set()

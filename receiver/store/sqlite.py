@@ -21,7 +21,7 @@ from typing import Any
 
 import aiosqlite
 
-from receiver.broadcast import ChangeFeed
+from receiver.broadcast import CALLBACK, DELIVERY, ChangeFeed
 from receiver.clock import system_clock
 from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.events import event_body, task_event_body
@@ -208,6 +208,7 @@ class SQLiteStore:
         applied: Applied = await self._write(
             partial(_record_callback, callback=callback, report=report, now=now, lease=self._lease(now))
         )
+        self.feed.notice(CALLBACK, callback.task_id, callback.id)
         return self._published(applied)
 
     async def list_callbacks(self, task_id: str) -> list[StoredCallback]:
@@ -290,7 +291,10 @@ class SQLiteStore:
         return jobs
 
     async def finish_attempt(self, delivery_id: str, owner: str, outcome: AttemptOutcome) -> None:
-        await self._write(partial(_finish_attempt, delivery_id=delivery_id, owner=owner, outcome=outcome))
+        task_id: str | None = await self._write(
+            partial(_finish_attempt, delivery_id=delivery_id, owner=owner, outcome=outcome)
+        )
+        self.feed.notice(DELIVERY, task_id, delivery_id)
         if outcome.status is not DeliveryStatus.PENDING:
             self.feed.wake("deliveries")  # a later event of the same task may be free to go now
 
@@ -333,7 +337,10 @@ class SQLiteStore:
         if not found:
             return None
         self.feed.wake("deliveries")
-        return await self.get_delivery(delivery_id)
+        delivery = await self.get_delivery(delivery_id)
+        if delivery is not None:
+            self.feed.notice(DELIVERY, delivery.task_id, delivery_id)
+        return delivery
 
     async def recover_deliveries(self, subscription_id: str, *, since: float, now: float) -> int:
         count: int = await self._write(
@@ -712,10 +719,13 @@ def _claim_deliveries(
     return [DeliveryJob(delivery_from_row(row), subs[row["subscription_id"]], bytes(row["event_body"])) for row in rows]
 
 
-def _finish_attempt(conn: sqlite3.Connection, *, delivery_id: str, owner: str, outcome: AttemptOutcome) -> None:
-    row = conn.execute("SELECT lease_owner, subscription_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+def _finish_attempt(conn: sqlite3.Connection, *, delivery_id: str, owner: str, outcome: AttemptOutcome) -> str | None:
+    """Returns the delivery's task (None: no such delivery, or one not tied to a task)."""
+    row = conn.execute(
+        "SELECT lease_owner, subscription_id, task_id FROM deliveries WHERE id = ?", (delivery_id,)
+    ).fetchone()
     if row is None:
-        return
+        return None
     attempt = outcome.attempt
     conn.execute(
         "INSERT INTO delivery_attempts (delivery_id, at, status_code, latency_ms, error, response_body)"
@@ -745,6 +755,8 @@ def _finish_attempt(conn: sqlite3.Connection, *, delivery_id: str, owner: str, o
             "UPDATE subscriptions SET enabled = 0, disabled_reason = ?, updated_at = ? WHERE id = ?",
             (outcome.disable, attempt.at, row["subscription_id"]),
         )
+    task_id: str | None = row["task_id"]
+    return task_id
 
 
 def _release(conn: sqlite3.Connection, *, owner: str) -> int:
