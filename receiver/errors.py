@@ -14,6 +14,7 @@ ReceiverError
 │   │   └── TaskMismatch       409 task_mismatch
 │   ├── CallbackExpired        410 callback_expired
 │   ├── PayloadTooLarge        413 payload_too_large
+│   ├── TooManyRequests        429 <limit>_exceeded (Retry-After)
 │   ├── ProviderRefused        502 with the provider's error and the failed task
 │   └── SignatureKeysUnavailable  503 provider_keys_unavailable (Retry-After)
 ├── ProviderError              an upstream call failed (refused, unreachable, garbled)
@@ -181,6 +182,16 @@ class PayloadTooLarge(ApiError):
 
     status_code = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(ApiError):
+    """One client asks for more than a limit allows; `Retry-After` says when to try again."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, code: str, retry_after: int, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, code=code, details=details, headers={"Retry-After": str(retry_after)})
 
 
 class ProviderRefused(ApiError):

@@ -37,6 +37,7 @@ def errors(*codes: int) -> JSON:
         409: "Conflict",
         410: "Expired",
         413: "Payload too large",
+        429: "Too many at once (too_many_streams); Retry-After says when to try again",
         502: "The provider refused the task",
         503: "The provider's signing keys cannot be fetched now (provider_keys_unavailable); retry later",
     }
@@ -380,6 +381,21 @@ PATHS: JSON = {
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
                 **errors(401, 404),
+            },
+        }
+    },
+    "/v1/stream": {
+        "get": {
+            "summary": "Server-Sent Events of every task change, logged callback and delivery attempt (the dashboard)",
+            "operationId": "streamActivity",
+            "security": SECURED,
+            "responses": {
+                "200": {
+                    "description": "`event: ready` once listening, then `event: task` (`data:` the task), "
+                    '`event: callback` and `event: delivery` (`data: {"task_id", "id"}`)',
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **errors(401, 429),
             },
         }
     },

@@ -1,5 +1,5 @@
 """Server-Sent Events: a task's changes as one long response, for services that
-would rather hold a connection than host an endpoint.
+would rather hold a connection than host an endpoint; and everything, for the dashboard.
 
     GET /v1/tasks/{id}/events
 
@@ -11,30 +11,49 @@ The task as it is now, then one event per change (`id` is the task's
 `sequence`, `event` is `task.<state>`, `data` the task), and the stream ends
 after a terminal state — once a succeeded task's images are kept (receiver.mirror):
 while they are downloaded it shows `result.mirror: "pending"`, and the task is sent
-once more (same `id`) with its asset URLs before the stream ends. A comment
-line every `HEARTBEAT` seconds keeps proxies from closing a quiet stream; the
-stream also ends when the client goes away or the receiver shuts down.
+once more (same `id`) with its asset URLs before the stream ends.
+
+    GET /v1/stream                 (the dashboard's live view: every change, every instance)
+
+    event: task                    data: the task, at each change of any task
+    event: callback                data: {"task_id", "id"} — a callback was logged (read it from the API)
+    event: delivery                data: {"task_id", "id"} — a delivery was attempted or queued again
+
+It starts with `event: ready` once it listens (read what you show after it, so
+nothing falls in between). At most STREAMS_PER_KEY at once per API key (429
+`too_many_streams`). A comment line every `HEARTBEAT` seconds keeps proxies
+from closing a quiet stream; streams also end when the client goes away or
+the receiver shuts down.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from receiver.auth import KEY_ID_SCOPE
+from receiver.broadcast import Notice
 from receiver.context import Context
-from receiver.errors import NotFound
+from receiver.errors import NotFound, TooManyRequests
 from receiver.routes import context
 from receiver.tasks import Task
+
+T = TypeVar("T")
 
 #: Seconds between comment lines on a quiet stream.
 HEARTBEAT = 15.0
 #: How long a client waits before reconnecting after the stream broke (milliseconds, sent to it).
 RECONNECT_MS = 3000
+#: Dashboard streams (`GET /v1/stream`) open at once per API key: a few browser tabs.
+STREAMS_PER_KEY = 8
+_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def frame(task: Task) -> bytes:
@@ -49,11 +68,7 @@ async def task_events(request: Request) -> Response:
     if await ctx.store.get_task(task_id) is None:
         raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
     draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
-    return StreamingResponse(
-        stream(ctx, task_id, draining),
-        media_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+    return StreamingResponse(stream(ctx, task_id, draining), media_type="text/event-stream", headers=_HEADERS)
 
 
 async def stream(ctx: Context, task_id: str, draining: asyncio.Event) -> AsyncIterator[bytes]:
@@ -76,7 +91,7 @@ async def stream(ctx: Context, task_id: str, draining: asyncio.Event) -> AsyncIt
                 yield frame(task)
 
 
-async def _next_change(changes: asyncio.Queue[Task], draining: asyncio.Event) -> Task | None:
+async def _next_change(changes: asyncio.Queue[T], draining: asyncio.Event) -> T | None:
     """The next change, or None after a quiet heartbeat interval (or when draining starts)."""
     if not changes.empty():
         return changes.get_nowait()
@@ -92,4 +107,63 @@ async def _next_change(changes: asyncio.Queue[Task], draining: asyncio.Event) ->
     return None
 
 
-routes = [Route("/tasks/{task_id}/events", task_events, methods=["GET"])]
+async def activity(request: Request) -> Response:
+    """`GET /v1/stream`: every task change, callback and delivery attempt (see the module docstring)."""
+    ctx = context(request)
+    key = request.scope.get(KEY_ID_SCOPE, "")
+    open_streams: dict[str, int] | None = getattr(request.app.state, "dashboard_streams", None)
+    if open_streams is None:
+        open_streams = request.app.state.dashboard_streams = {}
+    if open_streams.get(key, 0) >= STREAMS_PER_KEY:
+        raise TooManyRequests(
+            f"At most {STREAMS_PER_KEY} streams may be open at once with one API key; close one first.",
+            code="too_many_streams",
+            retry_after=5,
+            details={"limit": STREAMS_PER_KEY},
+        )
+    open_streams[key] = open_streams.get(key, 0) + 1
+
+    def release() -> None:
+        open_streams[key] -= 1
+        if not open_streams[key]:
+            del open_streams[key]
+
+    draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
+    return _Counted(activity_stream(ctx, draining), release)
+
+
+class _Counted(StreamingResponse):
+    """A stream whose slot is released however the response ends (even one never started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_HEADERS)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+async def activity_stream(ctx: Context, draining: asyncio.Event) -> AsyncIterator[bytes]:
+    with ctx.store.feed.watch() as changes:
+        yield b"retry: %d\nevent: ready\ndata: {}\n\n" % RECONNECT_MS
+        while True:
+            change = await _next_change(changes, draining)
+            if draining.is_set():
+                yield b": the receiver is shutting down\n\n"
+                return
+            if change is None:
+                yield b": heartbeat\n\n"
+            elif isinstance(change, Notice):
+                data = orjson.dumps({"task_id": change.task_id, "id": change.id})
+                yield b"event: %s\ndata: %s\n\n" % (change.kind.encode(), data)
+            else:
+                yield b"event: task\ndata: %s\n\n" % orjson.dumps(change.to_api())
+
+
+routes = [
+    Route("/tasks/{task_id}/events", task_events, methods=["GET"]),
+    Route("/stream", activity, methods=["GET"]),
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,8 +14,8 @@ import orjson
 import pytest
 
 from receiver.routes import streams
-from tests.conftest import API_KEY, Running, start_receiver
-from tests.delivery.helpers import eventually, new_task, set_running, succeed
+from tests.conftest import API_KEY, Running, postgres_database, start_receiver
+from tests.delivery.helpers import deliveries, eventually, new_task, set_running, sink, subscribe, succeed
 from tests.test_e2e import assert_error
 
 pytestmark = pytest.mark.anyio
@@ -114,3 +115,101 @@ async def test_unknown_tasks_and_missing_keys(running: Running) -> None:
     assert_error(await running.api.get("/v1/tasks/tsk_nope/events"), 404, "task_not_found")
     async with httpx.AsyncClient(base_url=running.url) as anonymous:
         assert_error(await anonymous.get("/v1/tasks/tsk_nope/events"), 401, "unauthorized")
+
+
+# --- GET /v1/stream: the dashboard's view of everything ---------------------------------------------
+
+
+class Activity:
+    """Reads a dashboard stream in the background: frames as (event, data)."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str = "/v1/stream") -> None:
+        self.client, self.url = client, url
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.ready = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Activity:
+        self._reader = asyncio.create_task(self._read())
+        await asyncio.wait_for(self.ready.wait(), 5)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._reader is not None
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+    async def _read(self) -> None:
+        async with self.client.stream("GET", self.url) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            async for frame in frames(response):
+                if frame.get("event") == "ready":
+                    assert frame["retry"] == "3000"
+                    self.ready.set()
+                elif "event" in frame:
+                    self.seen.append((frame["event"], orjson.loads(frame["data"])))
+
+    async def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            for name, data in self.seen:
+                if name == event and all(data.get(k) == v for k, v in fields.items()):
+                    return data
+            return None
+
+        async def check() -> dict[str, Any] | None:
+            return found()
+
+        return await eventually(check, timeout=10)
+
+
+async def test_the_dashboard_stream_shows_tasks_callbacks_and_delivery_attempts(running: Running) -> None:
+    async with sink() as (subscriber, hook), Activity(running.api) as activity:
+        await subscribe(running, hook)
+        task, callback_url = await new_task(running)
+        await activity.wait_for("task", id=task["id"], state="submitted")
+        await succeed(running, callback_url)
+        await activity.wait_for("task", id=task["id"], state="succeeded")
+        logged = (await running.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+        assert await activity.wait_for("callback", id=logged[0]["id"]) == {"task_id": task["id"], "id": logged[0]["id"]}
+        await succeed(running, callback_url)  # a duplicate changes no task, and still shows
+        logged = (await running.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+        await activity.wait_for("callback", id=logged[1]["id"])
+        await subscriber.wait_for(lambda got: len(got) >= 2)
+        delivered = await deliveries(running, task_id=task["id"])
+        for delivery in delivered:
+            await activity.wait_for("delivery", id=delivery["id"], task_id=task["id"])
+        assert running.ctx.store.feed.watcher_count() == 1
+    await eventually(lambda: _no_watcher(running))
+
+
+async def _no_watcher(running: Running) -> bool:
+    return running.ctx.store.feed.watcher_count() == 0 and not running.app.state.dashboard_streams
+
+
+async def test_dashboard_streams_are_capped_per_key(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streams, "STREAMS_PER_KEY", 2)
+    async with Activity(running.api), Activity(running.api):
+        answer = await running.api.get("/v1/stream")
+        assert_error(answer, 429, "too_many_streams")
+        assert answer.headers["retry-after"] == "5"
+    await eventually(lambda: _no_watcher(running))
+    async with Activity(running.api):  # the slots were given back
+        pass
+
+
+async def test_the_dashboard_stream_hears_every_instance(tmp_path: Path, fake_provider) -> None:
+    async with (
+        postgres_database() as url,
+        start_receiver(tmp_path / "a", provider_url=fake_provider[1], database_url=url) as a,
+        start_receiver(tmp_path / "b", provider_url=fake_provider[1], database_url=url) as b,
+        Activity(b.api) as on_b,
+    ):
+        task, callback_url = await new_task(a)
+        await on_b.wait_for("task", id=task["id"], state="submitted")
+        await succeed(a, callback_url)
+        await on_b.wait_for("task", id=task["id"], state="succeeded")
+        await succeed(a, callback_url)  # a duplicate: a notice only
+        logged = (await a.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+        for callback in logged:
+            await on_b.wait_for("callback", id=callback["id"], task_id=task["id"])
