@@ -36,7 +36,7 @@ from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
 from receiver.mirror import MIRROR, Mirror
 from receiver.providers import Providers, signatures_for
-from receiver.routes import assets, callbacks, deliveries, ops, streams, subscriptions, tasks
+from receiver.routes import assets, callbacks, deliveries, ops, streams, subscriptions, tasks, ui
 from receiver.signing import AssetSigner, CallbackSigner
 from receiver.store import Store, create_store
 from receiver.types import Clock
@@ -148,6 +148,7 @@ def create_app(
             ),
             *assets.routes,
             *ops.routes,
+            *ui.routes,
         ],
         middleware=[Middleware(AccessLog)],
         exception_handlers=EXCEPTION_HANDLERS,

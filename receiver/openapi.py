@@ -572,6 +572,34 @@ PATHS: JSON = {
             "responses": {"200": {"description": "Exposition text", "content": {"text/plain": {}}}},
         }
     },
+    "/ui": {
+        "get": {
+            "summary": "The dashboard (no key needed for the page; it asks for one and sends it as a bearer header)",
+            "operationId": "dashboard",
+            "responses": {"200": {"description": "The page", "content": {"text/html": {}}}},
+        }
+    },
+    "/ui/app.js": {
+        "get": {
+            "summary": "The dashboard's script",
+            "operationId": "dashboardScript",
+            "responses": {"200": {"description": "JavaScript", "content": {"text/javascript": {}}}},
+        }
+    },
+    "/ui/app.css": {
+        "get": {
+            "summary": "The dashboard's style sheet",
+            "operationId": "dashboardStyles",
+            "responses": {"200": {"description": "CSS", "content": {"text/css": {}}}},
+        }
+    },
+    "/ui/favicon.svg": {
+        "get": {
+            "summary": "The dashboard's icon",
+            "operationId": "dashboardIcon",
+            "responses": {"200": {"description": "SVG", "content": {"image/svg+xml": {}}}},
+        }
+    },
     "/openapi.json": {
         "get": {"summary": "This document", "operationId": "openapi", "responses": {"200": answer("OpenAPI")}}
     },
