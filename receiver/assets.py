@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,31 @@ class AssetStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)  # readers never see half a file
+
+    def unwritable(self) -> str | None:
+        """Why files cannot be stored in the directory (None: they can). Blocking: call it off the loop.
+
+        An existing directory is proven by writing and removing a file; a missing one by its
+        nearest existing parent (`put` creates the folders).
+        """
+        directory = self.directory
+        if directory.exists():
+            if not directory.is_dir():
+                return f"{directory} is not a directory"
+            try:
+                with tempfile.TemporaryFile(dir=directory):
+                    pass
+            except OSError as exc:
+                return f"cannot write in {directory}: {exc.strerror or exc}"
+            return None
+        parent = directory.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"{directory} cannot be created: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{directory} cannot be created: {parent} is not writable"
+        return None
 
     def url(self, asset: Asset) -> str:
         """The signed URL the receiver serves `asset` at."""

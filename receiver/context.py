@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import secrets
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -29,6 +31,7 @@ class Context:
     signatures: ProviderSignatures  # providers' own callback signatures (Replicate, fal)
     assets: AssetStore
     url_guard: UrlGuard
+    instance_id: str = field(default_factory=lambda: instance_id())  # named in self-test answers
 
     def callback_url(self, task_id: str, *, dialect: str, max_age: int | None = None) -> str:
         """The signed URL a provider posts `task_id`'s result to.
@@ -37,3 +40,12 @@ class Context:
         verified and parsed before the database is touched."""
         token = self.signer.mint(task_id, max_age=max_age or self.settings.callback_max_age, scope=dialect)
         return f"{self.settings.public_url}/callbacks/{token}"
+
+
+#: Set by `receiver serve --workers N` for its worker processes, so they answer self-tests as one receiver.
+INSTANCE_VARIABLE = "RECEIVER_INSTANCE_ID"
+
+
+def instance_id() -> str:
+    """This receiver's id (receiver.selftest): the serving command's, or a new one."""
+    return os.environ.get(INSTANCE_VARIABLE) or secrets.token_hex(8)

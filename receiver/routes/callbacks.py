@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from receiver import selftest
 from receiver.errors import ApiError, json_response
 from receiver.ingest import ingest
 from receiver.logs import get_logger
@@ -19,6 +20,8 @@ async def receive_callback(request: Request) -> Response:
     ctx = context(request)
     try:
         claims = ctx.signer.open(request.path_params["token"])
+        if claims.scope == selftest.SCOPE:  # `receiver doctor` checking the tunnel: nothing is stored
+            return selftest.answer(request, ctx, claims)
         body = await read_body(request, ctx.settings.max_body_bytes)
         applied = await ingest(ctx, claims, body, request.headers)
     except ApiError as exc:
