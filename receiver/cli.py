@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 import sys
 import time
@@ -14,28 +15,38 @@ from typing import Any
 import orjson
 
 from receiver import __version__
-from receiver.client import Client, ClientError, default_api_key, default_url
+from receiver.client import Client, ClientError, default_api_key, default_url, follow, settled
+from receiver.clock import parse_iso
 from receiver.config import ConfigError, Settings, ensure_secrets
 from receiver.logs import configure_logging, get_logger
 
 EPILOGS = {
-    "serve": "example:\n  RECEIVER_PUBLIC_URL=https://my-tunnel.example receiver serve --port 8000",
+    "serve": "example:\n  RECEIVER_PUBLIC_URL=https://my-tunnel.example receiver serve --port 8000\n"
+    "  receiver serve --host 0.0.0.0 --forwarded-allow-ips '*'    # behind a proxy that sets X-Forwarded-*",
     "migrate": "example:\n  RECEIVER_DATABASE_URL=sqlite:////data/receiver.db receiver migrate\n"
-    "  RECEIVER_DATABASE_URL='postgresql://receiver@db.internal/receiver?schema=prod' receiver migrate",
-    "demo": "example:\n  receiver demo",
+    "  RECEIVER_DATABASE_URL='postgresql://receiver@db.internal/receiver?schema=prod' receiver migrate --json",
+    "demo": "example:\n  receiver demo\n  receiver demo --json | jq -r .step",
+    "doctor": "example:\n  cloudflared tunnel --url http://127.0.0.1:8000     # prints https://<name>.trycloudflare.com\n"
+    "  RECEIVER_PUBLIC_URL=https://<name>.trycloudflare.com receiver serve &\n"
+    "  RECEIVER_PUBLIC_URL=https://<name>.trycloudflare.com receiver doctor\n"
+    "  receiver doctor --json | jq '.checks[] | select(.status != \"ok\")'\n\n"
+    "Run it with the same environment as `receiver serve`. Exits 1 when a check fails.",
     "fake-provider": "example:\n  receiver fake-provider --port 9000 --delay 2 --fail-rate 0.1\n"
     "  RECEIVER_XHUOAPI_URL=http://127.0.0.1:9000 RECEIVER_XENODIA_URL=http://127.0.0.1:9000 \\\n"
     "    RECEIVER_ROUTER_URL=http://127.0.0.1:9000 receiver serve\n"
     "  URL=$(receiver callback-url --provider kling)\n"
     '  curl -s localhost:9000/_fake/callbacks/kling -d "{\\"callback_url\\": \\"$URL\\"}"\n\n'
     "Replicate and fal callbacks are signed as the real ones are; it prints the settings to verify them.",
-    "callback-url": "example:\n  receiver callback-url --provider kling",
+    "callback-url": "example:\n  receiver callback-url --provider kling\n"
+    "  receiver callback-url --provider auto --json | jq -r .callback_url",
     "submit": "example:\n  receiver submit --provider xhuoapi --model gpt-image-2 --prompt 'a red apple' "
-    "--param size=1024x1024 --wait",
-    "tasks": "example:\n  receiver tasks --state failed --limit 50",
+    "--param size=1024x1024 --wait\n"
+    "  receiver submit --provider router --model openai/gpt-image-1 --prompt 'a pear' --wait --json",
+    "tasks": "example:\n  receiver tasks --state failed --limit 50\n  receiver tasks --json | jq -r '.data[].id'",
     "deliveries": "example:\n  receiver deliveries --failed\n"
     "  receiver deliveries --task tsk_01jd3x5k7q8w2m4n6p8r0t2v4x --json",
-    "redeliver": "example:\n  receiver redeliver dlv_01jd3x5k7q8w2m4n6p8r0t2v4x",
+    "redeliver": "example:\n  receiver redeliver dlv_01jd3x5k7q8w2m4n6p8r0t2v4x\n"
+    "  receiver redeliver dlv_01jd3x5k7q8w2m4n6p8r0t2v4x --json",
 }
 
 
@@ -79,13 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
+    def json_option(sub: argparse.ArgumentParser, help: str = "print JSON for scripts") -> None:
+        sub.add_argument("--json", action="store_true", help=help)
+
     serve = command("serve", run_serve, "Run the service (migrates the database on start).")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        metavar="IPS",
+        help="proxies whose X-Forwarded-For/-Proto are trusted, comma-separated or '*' "
+        "(default: RECEIVER_FORWARDED_ALLOW_IPS, else 127.0.0.1: local tunnels such as cloudflared and ngrok)",
+    )
+    json_option(serve, "print where it listens as one JSON line on stdout (logs are JSON on stderr anyway)")
 
-    command("migrate", run_migrate, "Apply database migrations and exit.")
-    command("demo", run_demo, "A whole round trip on this machine, no account needed.")
+    migrate = command("migrate", run_migrate, "Apply database migrations and exit.")
+    json_option(migrate)
+    demo = command("demo", run_demo, "A whole round trip on this machine, no account needed.")
+    json_option(demo, "print each step as one JSON line")
+
+    doctor = command(
+        "doctor", run_doctor, "Check the configuration, and that RECEIVER_PUBLIC_URL reaches this very receiver."
+    )
+    doctor.add_argument("--url", default=default_url(), help="the running receiver (RECEIVER_URL)")
+    doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
+    doctor.add_argument("--offline", action="store_true", help="check the configuration only, not the receiver")
+    json_option(doctor)
 
     fake = command("fake-provider", run_fake_provider, "Run a simulated provider (no credits spent).")
     fake.add_argument("--host", default="127.0.0.1")
@@ -107,11 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WHSEC",
         help="whsec_… secret to sign Replicate webhooks with (default: a new one, printed)",
     )
+    json_option(fake, "print the settings that point a receiver at it as one JSON object on stdout")
 
     def client_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--url", default=default_url(), help="the receiver (RECEIVER_URL)")
         sub.add_argument("--api-key", default=None, help="API key (RECEIVER_API_KEY; default: the generated one)")
-        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        json_option(sub)
 
     mint = command("callback-url", run_callback_url, "Mint a task and print its signed callback URL.")
     mint.add_argument(
@@ -178,9 +211,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from receiver.app import create_app
+    from receiver.context import INSTANCE_VARIABLE
     from receiver.server import Server, uvicorn_config
 
     settings = _settings()
+    if args.forwarded_allow_ips is not None:
+        settings = settings.replace(forwarded_allow_ips=args.forwarded_allow_ips)
     configure_logging(settings.log_level)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; finishing that way is a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -190,6 +226,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "proxy_headers": True,
         "forwarded_allow_ips": settings.forwarded_allow_ips,
     }
+    _announce_serving(args, settings)
     if args.workers > 1:
         if settings.database_url.startswith("sqlite:"):
             get_logger("receiver.cli").warning(
@@ -198,7 +235,9 @@ def run_serve(args: argparse.Namespace) -> int:
                 advice="worker processes contend for one SQLite file and do not hear each other's changes "
                 "(a long-poll waits it out): run several workers on PostgreSQL (see the README's Scaling out)",
             )
-        # Secrets exist on disk by now, so every worker process reads the same ones.
+        # Secrets exist on disk by now, so every worker process reads the same ones; the instance id
+        # too, so that the workers answer `receiver doctor`'s self-tests as one receiver.
+        os.environ.setdefault(INSTANCE_VARIABLE, secrets.token_hex(8))
         uvicorn.run(
             "receiver.app:app_from_env",
             factory=True,
@@ -213,8 +252,34 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce_serving(args: argparse.Namespace, settings: Settings) -> None:
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    local = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else host}:{args.port}"
+    if args.json:
+        print(
+            orjson.dumps(
+                {
+                    "listening": f"http://{host}:{args.port}",
+                    "public_url": settings.public_url,
+                    "dashboard": f"{local}/ui",
+                    "workers": args.workers,
+                    "forwarded_allow_ips": settings.forwarded_allow_ips,
+                }
+            ).decode(),
+            flush=True,
+        )
+        return
+    print(
+        f"receiver {__version__} on http://{host}:{args.port} — dashboard {local}/ui\n"
+        f"providers call back at {settings.public_url} (RECEIVER_PUBLIC_URL); "
+        "`receiver doctor` checks the setup",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run_migrate(args: argparse.Namespace) -> int:
-    from receiver.store import create_store
+    from receiver.store import create_store, migrations
 
     settings = Settings.from_env(os.environ)
     configure_logging(settings.log_level)
@@ -228,14 +293,29 @@ def run_migrate(args: argparse.Namespace) -> int:
             await store.close()
 
     asyncio.run(migrate())
-    print("migrations are current")
+    backend = "sqlite" if settings.database_url.startswith("sqlite:") else "postgres"
+    if args.json:
+        _print_json({"migrations": "current", "version": migrations.latest(backend), "backend": backend})
+    else:
+        print(f"migrations are current ({backend}, {migrations.latest(backend)})")
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from receiver.demo import run
 
-    return asyncio.run(run())
+    return asyncio.run(run(json_lines=args.json))
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from receiver.doctor import diagnose
+
+    report = asyncio.run(diagnose(os.environ, url=args.url, timeout=args.timeout, self_test=not args.offline))
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
 
 
 def run_fake_provider(args: argparse.Namespace) -> int:
@@ -254,6 +334,12 @@ def run_fake_provider(args: argparse.Namespace) -> int:
         replicate_secret=args.replicate_secret,
     )
     base = f"http://{args.host}:{args.port}"
+    if args.json:
+        env = {f"RECEIVER_{name}_URL": base for name in ("XHUOAPI", "XENODIA", "ROUTER", "REPLICATE")}
+        env["RECEIVER_REPLICATE_WEBHOOK_SECRET"] = fake.signed.replicate_secret
+        env["RECEIVER_FAL_URL"] = f"{base}/fal"
+        env["RECEIVER_FAL_JWKS_URL"] = f"{base}/.well-known/jwks.json"
+        _print_json({"url": base, "env": env, "callbacks": f"{base}/_fake/callbacks/{{dialect}}"})
     print(
         f"fake provider on {base}; point the receiver at it with:\n"
         f"  RECEIVER_XHUOAPI_URL={base}\n"
@@ -333,28 +419,51 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def _follow(api: Client, task: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
-    """Long-poll until the task is terminal, showing a live progress line."""
+    """Follow the task's events until it is settled, with a live progress line (state, elapsed time)."""
+    return asyncio.run(_follow_live(api, task, quiet=quiet))
+
+
+async def _follow_live(api: Client, task: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
     started = time.monotonic()
     live = sys.stderr.isatty() and not quiet
-    last_state = None
-    while True:
-        state = task["state"]
-        elapsed = time.monotonic() - started
-        if not quiet and (live or state != last_state):
-            line = f"{task['id']}  {state:<10} {elapsed:6.1f}s"
-            print(("\r" + line) if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
-        last_state = state
-        if state in ("succeeded", "failed", "expired", "cancelled"):
-            if live:
-                print(file=sys.stderr)
-            return task
-        task = api.task(task["id"], wait=5)
+    latest, shown = task, None
+
+    def show() -> None:
+        nonlocal shown
+        state = latest["state"]
+        if latest["state"] == "succeeded" and not settled(latest):
+            state = "succeeded, keeping images…"
+        if quiet or (not live and state == shown):
+            return
+        line = f"{latest['id']}  {state:<28} {time.monotonic() - started:6.1f}s"
+        print(f"\r{line}" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+        shown = state
+
+    async def read() -> None:
+        nonlocal latest
+        async for change in follow(api.base_url, api.api_key, task["id"]):
+            latest = change
+            show()
+
+    reader = asyncio.create_task(read())
+    show()
+    while not reader.done():
+        await asyncio.wait({reader}, timeout=0.2)
+        if live:
+            show()  # the elapsed time moves on
+    reader.result()
+    if live:
+        print(file=sys.stderr)
+    return latest
 
 
 def _print_task(task: dict[str, Any]) -> None:
     print(f"{task['id']}  {task['state']}  {task['provider']}/{task.get('model') or '-'}")
-    for image in (task.get("result") or {}).get("images", []):
+    for index, image in enumerate((task.get("result") or {}).get("images", [])):
         print(f"  {image.get('asset_url') or image.get('url')}")
+        if image.get("asset_error"):
+            error = image["asset_error"]
+            print(f"    (image {index} not kept: {error.get('code')}: {error.get('message')})", file=sys.stderr)
     if task.get("error"):
         print(f"  error: {task['error'].get('code')}: {task['error'].get('message')}")
 
@@ -366,11 +475,45 @@ def run_tasks(args: argparse.Namespace) -> int:
         _print_json(page)
         return 0
     rows = [
-        (t["id"], t["state"], t["provider"], t.get("model") or "-", t.get("upstream_task_id") or "-", t["created_at"])
+        (
+            t["id"],
+            t["state"],
+            t["provider"],
+            t.get("model") or "-",
+            _images(t),
+            _age(t["created_at"]),
+            t.get("upstream_task_id") or "-",
+        )
         for t in page["data"]
     ]
-    _print_table(("ID", "STATE", "PROVIDER", "MODEL", "UPSTREAM", "CREATED"), rows)
+    _print_table(("ID", "STATE", "PROVIDER", "MODEL", "IMAGES", "AGE", "UPSTREAM"), rows)
+    if not rows:
+        print("(no tasks)", file=sys.stderr)
     return 0
+
+
+def _images(task: dict[str, Any]) -> str:
+    """`2 kept`, `1 keeping…`, `1` (not kept), `-`."""
+    result = task.get("result") or {}
+    images = result.get("images") or []
+    if not images:
+        return "-"
+    if result.get("mirror") == "pending":
+        return f"{len(images)} keeping…"
+    kept = sum(bool(image.get("asset_url")) for image in images)
+    return (
+        f"{len(images)} kept" if kept == len(images) else (f"{len(images)} ({kept} kept)" if kept else str(len(images)))
+    )
+
+
+def _age(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    seconds = max(0.0, time.time() - parse_iso(iso))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def run_deliveries(args: argparse.Namespace) -> int:
@@ -389,11 +532,13 @@ def run_deliveries(args: argparse.Namespace) -> int:
             d["subscription_id"],
             str(d["attempt_count"]),
             _last_attempt(d),
-            d["updated_at"],
+            _age(d["updated_at"]),
         )
         for d in page["data"]
     ]
     _print_table(("ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED"), rows)
+    if not rows:
+        print("(no deliveries)", file=sys.stderr)
     return 0
 
 
@@ -402,7 +547,8 @@ def _last_attempt(delivery: dict[str, Any]) -> str:
         return "-"
     last = delivery["attempts"][-1]
     shown = str(last["status_code"]) if last.get("status_code") is not None else (last.get("error") or "?")
-    return shown if len(shown) <= 40 else shown[:39] + "…"
+    shown = shown if len(shown) <= 40 else shown[:39] + "…"
+    return f"{shown} ({last['latency_ms']:.0f} ms)" if last.get("latency_ms") is not None else shown
 
 
 def run_redeliver(args: argparse.Namespace) -> int:

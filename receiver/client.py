@@ -4,12 +4,16 @@ with Client("http://127.0.0.1:8000", api_key) as api:
     task = api.submit({"provider": "xhuoapi", "model": "gpt-image-2", "prompt": "…"})
     task = api.task(task["id"], wait=30)
     failed = api.deliveries(status="failed")
+
+async for task in follow("http://127.0.0.1:8000", api_key, "tsk_…"):   # each change, live (SSE)
+    ...
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,6 +59,8 @@ def default_url(environ: Mapping[str, str] = os.environ) -> str:
 
 class Client:
     def __init__(self, base_url: str, api_key: str | None, *, timeout: float = 90.0) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
 
@@ -76,10 +82,7 @@ class Client:
         except ValueError:
             body = response.text
         if response.status_code >= 400:
-            message = f"HTTP {response.status_code}"
-            if isinstance(body, dict) and isinstance(body.get("error"), dict):
-                message = f"{body['error'].get('code')}: {body['error'].get('message')}"
-            raise ClientError(message, status=response.status_code, body=body)
+            raise refused(response.status_code, body)
         return body
 
     def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> Any:
@@ -104,3 +107,42 @@ class Client:
 
     def redeliver(self, delivery_id: str) -> Any:
         return self.request("POST", f"/v1/deliveries/{delivery_id}/retry")
+
+
+def refused(status: int, body: Any) -> ClientError:
+    """The ClientError for an error answer (its message from the contract's error shape)."""
+    message = f"HTTP {status}"
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        message = f"{body['error'].get('code')}: {body['error'].get('message')}"
+    return ClientError(message, status=status, body=body)
+
+
+def settled(task: Mapping[str, Any]) -> bool:
+    """Terminal, with its images kept (or mirroring given up): nothing more will change."""
+    result = task.get("result") or {}
+    return task.get("state") in ("succeeded", "failed", "expired", "cancelled") and result.get("mirror") != "pending"
+
+
+async def follow(base_url: str, api_key: str | None, task_id: str) -> AsyncIterator[Any]:
+    """The task at each change, from its Server-Sent Events (`GET /v1/tasks/{id}/events`), until it
+    is settled; a dropped stream is opened again. ClientError if the receiver refuses."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = httpx.Timeout(30.0, read=None)  # a quiet stream sends a heartbeat every 15 s
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout) as http:
+        task: Any = None
+        while task is None or not settled(task):
+            try:
+                async with http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        try:
+                            body = response.json()
+                        except ValueError:
+                            body = response.text
+                        raise refused(response.status_code, body)
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            task = orjson.loads(line[6:])
+                            yield task
+            except httpx.TransportError:
+                await asyncio.sleep(1.0)  # the connection dropped: open the stream again

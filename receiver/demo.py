@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 from starlette.datastructures import Secret
 
 from receiver.app import create_app
@@ -23,12 +24,19 @@ from receiver.fakes.provider import FakeProvider
 from receiver.fakes.subscriber import FakeSubscriber
 from receiver.server import free_port, serve_in_background
 
+_json_lines = False
+
 
 def say(step: str, detail: str = "") -> None:
+    if _json_lines:  # `receiver demo --json`: one object per step
+        print(orjson.dumps({"at": time.time(), "step": step, "detail": detail}).decode(), flush=True)
+        return
     print(f"[{time.strftime('%H:%M:%S')}] {step}{(': ' + detail) if detail else ''}", flush=True)
 
 
-async def run(delay: float = 1.0) -> int:
+async def run(delay: float = 1.0, *, json_lines: bool = False) -> int:
+    global _json_lines
+    _json_lines = json_lines
     with tempfile.TemporaryDirectory(prefix="receiver-demo-") as folder:
         fake = FakeProvider(delay=delay)
         subscriber = FakeSubscriber()

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import re
+import sys
+from pathlib import Path
+
 import pytest
 
 from receiver import cli
 from receiver.client import ClientError
+from tests.conftest import API_KEY, start_receiver
 
 
 def test_refused_parameters_are_listed_field_by_field(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -18,3 +26,68 @@ def test_refused_parameters_are_listed_field_by_field(monkeypatch: pytest.Monkey
     assert cli.main(["submit", "--provider", "xenodia", "--model", "gpt-image-2", "--prompt", "p"]) == 1
     assert capsys.readouterr().err.splitlines()[1:] == ["  resolution: with aspect_ratio auto, only 1K",
                                                         "  n: must be one of: 1"]
+
+
+# --- every command: --help with an example, --json ----------------------------------------------
+
+
+def test_every_command_has_an_example_and_json_output(capsys) -> None:
+    parser = cli.build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"doctor", "serve", "submit", "tasks", "deliveries"} <= set(commands.choices)
+    for name, sub in commands.choices.items():
+        assert "example:" in (sub.epilog or ""), name
+        assert any("--json" in action.option_strings for action in sub._actions), name
+        with pytest.raises(SystemExit) as done:
+            cli.main([name, "--help"])
+        assert done.value.code == 0 and "example:" in capsys.readouterr().out
+
+
+# --- against a running receiver -----------------------------------------------------------------
+
+
+def columns(table: str) -> list[list[str]]:
+    """Each line cut where the header's columns start; fails if a row's cell does not start there."""
+    lines = table.rstrip("\n").splitlines()
+    starts = [m.start() for m in re.finditer(r"(?:(?<=  )|^)\S", lines[0])]
+    cut = []
+    for line in lines:
+        for start in starts[1:]:
+            assert line[start - 1] == " " and line[start] != " ", f"not aligned at {start}: {line!r}"
+        cut.append([line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)])
+    return cut
+
+
+@pytest.mark.anyio
+async def test_submit_wait_shows_progress_and_ends_with_the_kept_images(
+    tmp_path: Path, fake_provider, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with start_receiver(tmp_path, provider_url=fake_provider[1], mirror_assets=True) as running:
+        client = ["--url", running.url, "--api-key", API_KEY]
+        submit = ["submit", "--provider", "xhuoapi", "--model", "nano-banana", "--prompt", "a pear", "--wait"]
+        assert await asyncio.to_thread(cli.main, [*submit, *client]) == 0
+        out, err = capsys.readouterr()
+        [line, image] = out.splitlines()
+        assert line.split()[1:] == ["succeeded", "xhuoapi/nano-banana"]
+        assert image.strip().startswith(f"{running.url}/assets/")  # the kept copy, not the provider's URL
+        progress = err.splitlines()
+        assert progress[0].split()[1] == "submitted" and progress[-1].split()[1] == "succeeded"
+        assert all(re.search(r"\d+\.\d+s$", p) for p in progress)  # with the elapsed time
+
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: one line, redrawn in place
+        assert await asyncio.to_thread(cli.main, [*submit, *client]) == 0
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.count("\r") >= 2 and "succeeded" in err.rsplit("\r", 1)[1]
+
+        assert await asyncio.to_thread(cli.main, [*submit, *client, "--json"]) == 0
+        out, err = capsys.readouterr()
+        task = json.loads(out)
+        assert task["state"] == "succeeded" and task["result"]["mirror"] == "done" and err == ""
+
+        assert await asyncio.to_thread(cli.main, ["tasks", *client]) == 0
+        table = columns(capsys.readouterr().out)
+        assert table[0] == ["ID", "STATE", "PROVIDER", "MODEL", "IMAGES", "AGE", "UPSTREAM"]
+        assert [row[1] for row in table[1:]] == ["succeeded"] * 3 and table[1][4] == "1 kept"
+        assert re.fullmatch(r"\d+s", table[1][5])
+        assert await asyncio.to_thread(cli.main, ["tasks", *client, "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["data"]) == 3

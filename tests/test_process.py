@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from receiver import selftest
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port
+from receiver.signing import CallbackSigner
 from tests.conftest import API_KEY, NOTIFY_SECRET, needs_postgres, postgres_database, start_receiver
 from tests.delivery.helpers import FAST, deliveries, eventually, new_task, sink, subscribe
 
@@ -148,7 +150,7 @@ async def test_the_cli_against_a_running_receiver(tmp_path: Path) -> None:
 
             listed = await cli(env, "tasks")
             assert listed.returncode == 0 and listed.stdout.splitlines()[0].split() == [
-                "ID", "STATE", "PROVIDER", "MODEL", "UPSTREAM", "CREATED"]
+                "ID", "STATE", "PROVIDER", "MODEL", "IMAGES", "AGE", "UPSTREAM"]
             assert len(listed.stdout.splitlines()) == 3
             listed_json = json.loads((await cli(env, "tasks", "--json", "--state", "failed")).stdout)
             assert [t["state"] for t in listed_json["data"]] == ["failed"]
@@ -198,10 +200,12 @@ async def test_migrate_and_help(tmp_path: Path) -> None:
     migrated = await cli(env, "migrate")
     assert migrated.returncode == 0 and (tmp_path / "data" / "receiver.db").exists()
     assert (await cli(env, "migrate")).returncode == 0  # idempotent
-    for command in ("serve", "migrate", "demo", "fake-provider", "callback-url", "submit", "tasks", "deliveries",
-                    "redeliver"):
+    for command in ("serve", "migrate", "demo", "doctor", "fake-provider", "callback-url", "submit", "tasks",
+                    "deliveries", "redeliver"):
         shown = await cli(env, command, "--help")
-        assert shown.returncode == 0 and "example:" in shown.stdout, command
+        assert shown.returncode == 0 and "example:" in shown.stdout and "--json" in shown.stdout, command
+    as_json = await cli(env, "migrate", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["migrations"] == "current"
     broken = await cli({**env, "RECEIVER_MAX_BODY_BYTES": "lots"}, "migrate")
     assert broken.returncode == 2 and "RECEIVER_MAX_BODY_BYTES" in broken.stderr
 
@@ -235,3 +239,32 @@ async def test_demo_runs_the_whole_round_trip(tmp_path: Path) -> None:
     assert "task succeeded" in result.stdout and "callback received and stored" in result.stdout
     assert "notification received and verified: task.submitted" in result.stdout
     assert "notification received and verified: task.succeeded" in result.stdout
+
+
+async def test_serve_trusts_proxy_headers_from_the_allowed_addresses_and_doctor_checks_it(tmp_path: Path) -> None:
+    port = free_port()
+    secret = "process-signing-key-0123456789"
+    env = receiver_env(tmp_path, port, "http://127.0.0.1:9", RECEIVER_SECRET_KEY=secret, RECEIVER_API_KEYS="k",
+                       RECEIVER_API_KEY="k")
+    token = selftest.mint(CallbackSigner([secret]), "nonce")
+    proxied = {"x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.9"}
+    log = tmp_path / "receiver.log"
+    for allowed, scheme, client in (("127.0.0.1", "https", "203.0.113.9"), ("10.9.9.9", "http", "127.0.0.1")):
+        server = Process(env, port, log, "--forwarded-allow-ips", allowed, "--json")
+        await server.start()
+        try:
+            async with httpx.AsyncClient() as http:
+                seen = (await http.post(f"http://127.0.0.1:{port}/callbacks/{token}", headers=proxied)).json()
+            assert (seen["self_test"], seen["scheme"], seen["client"]) == (True, scheme, client), allowed
+            if allowed != "127.0.0.1":
+                continue
+            doctor = await cli(env, "doctor", "--json")
+            report = json.loads(doctor.stdout)
+            assert doctor.returncode == 0 and report["ok"] is True, doctor.stdout
+            assert {c["name"]: c["status"] for c in report["checks"]}["self-test via public URL"] == "ok"
+            broken = await cli({**env, "RECEIVER_PUBLIC_URL": "http://receiver.example.com"}, "doctor", "--offline")
+            assert broken.returncode == 1 and "FAIL" in broken.stdout and "fix: use an https address" in broken.stdout
+        finally:
+            assert await server.stop() == 0
+    started = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"listening"')]
+    assert started[0]["dashboard"] == f"http://127.0.0.1:{port}/ui" and started[1]["forwarded_allow_ips"] == "10.9.9.9"
