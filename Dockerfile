@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Build a wheel in one stage, install it into a clean slim image in the next.
+# Every wheel (the receiver's and its dependencies') is built in the first stage; the final image installs
+# them with --no-index, so nothing is compiled or downloaded there, and keeps no build tools or wheels.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md CHANGELOG.md ./
@@ -13,10 +14,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RECEIVER_DATA_DIR=/data
 RUN useradd --system --uid 10001 --user-group --home-dir /data --no-create-home receiver \
     && mkdir -p /data && chown receiver:receiver /data
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index /wheels/*.whl
 USER receiver
 WORKDIR /data
+# The SQLite database, the generated secrets and the kept images (/data/assets).
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \

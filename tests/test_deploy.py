@@ -17,7 +17,9 @@ def test_fly_toml_serves_the_container_port_and_keeps_machines_running() -> None
     assert service["min_machines_running"] >= 1
     assert service["force_https"] is True
     assert any(check["path"] == "/healthz" for check in service["checks"])
-    assert {"source": "receiver_data", "destination": "/data"} in fly["mounts"]
+    [mount] = fly["mounts"]
+    assert (mount["source"], mount["destination"]) == ("receiver_data", "/data")
+    assert mount.get("initial_size"), "fly deploy creates the volume on the first deploy"
     assert fly["env"]["RECEIVER_DATABASE_URL"] == "sqlite:////data/receiver.db"
 
 
@@ -32,3 +34,24 @@ def test_dockerfile_runs_unprivileged_with_a_data_volume_and_a_healthcheck() -> 
     assert "EXPOSE 8000" in final
     assert '"serve", "--host", "0.0.0.0", "--port", "8000"' in final
     assert "RECEIVER_DATABASE_URL=sqlite:////data/receiver.db" in final
+
+
+def test_the_final_image_installs_prebuilt_wheels_only() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    *_, build, final = text.split("\nFROM ")
+    assert "pip wheel" in build and "--wheel-dir /wheels" in build
+    assert "--no-index" in final, "nothing may be downloaded (or compiled) in the final stage"
+    assert "COPY --from=build /wheels" not in final  # bind-mounted: the wheels are not kept in a layer
+    for tool in ("gcc", "build-essential", "apt-get install"):
+        assert tool not in final
+
+
+def test_the_package_ships_the_dashboard_and_the_migrations() -> None:
+    import tomllib as toml
+
+    wheel = toml.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["packages"] == ["receiver"]  # every file under receiver/, these included:
+    for path in ("ui/index.html", "ui/app.js", "ui/app.css", "store/migrations/sqlite", "providers/catalog.json"):
+        assert (ROOT / "receiver" / path).exists(), path
+    ignored = (ROOT / ".gitignore").read_text() + (ROOT / ".dockerignore").read_text()
+    assert "receiver/ui" not in ignored
