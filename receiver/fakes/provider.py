@@ -191,8 +191,9 @@ class FakeProvider:
         query = request.query_params
         if query.get("delay"):
             await asyncio.sleep(float(query["delay"]))
-        if query.get("status", "200") != "200":
-            return Response(b"unavailable", status_code=int(query["status"]), media_type="text/plain")
+        status = query.get("status", "200")
+        if status != "200" and status.isdigit():
+            return Response(b"unavailable", status_code=int(status), media_type="text/plain")
         body = PNG if query.get("bytes") != "text" else b"<html>not an image</html>"
         if query.get("size", "").isdigit():
             body = body.ljust(int(query["size"]), b"\0")

@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from receiver.fakes.provider import FakeProvider
 from receiver.routes.ui import CONTENT_SECURITY_POLICY
+from receiver.server import serve_in_background
 from tests.conftest import API_KEY, Running, start_receiver
 from tests.delivery.helpers import deliveries, eventually, sink, subscribe
 
@@ -139,12 +141,12 @@ def row(task_id: str, state: str | None = None) -> str:
     return f'tr.task[data-task-id="{task_id}"]' + (f'[data-state="{state}"]' if state else "")
 
 
-async def test_watching_a_task_live_and_redelivering_from_the_dashboard(
-    tmp_path: Path, fake_provider, browser: Any
-) -> None:
+async def test_watching_a_task_live_and_redelivering_from_the_dashboard(tmp_path: Path, browser: Any) -> None:
+    provider = FakeProvider(delay=1.0)  # the result comes a second after the submission: watch it arrive
     async with (
+        serve_in_background(provider.app) as provider_url,
         sink() as (subscriber, hook),
-        start_receiver(tmp_path, provider_url=fake_provider[1], mirror_assets=True) as running,
+        start_receiver(tmp_path, provider_url=provider_url, mirror_assets=True) as running,
         watched(browser, "dashboard-live") as watching,
     ):
         page = watching.page
@@ -156,7 +158,7 @@ async def test_watching_a_task_live_and_redelivering_from_the_dashboard(
         note = '<img src=x id="pwned" onerror="window.pwned=1">'
         body = {"provider": "xhuoapi", "model": "nano-banana", "prompt": "a pear", "metadata": {"note": note}}
         task = (await running.api.post("/v1/tasks", json=body)).json()
-        await page.wait_for_selector(row(task["id"]))
+        await page.wait_for_selector(row(task["id"], "submitted"))
         await page.wait_for_selector(row(task["id"], "succeeded"))
         # Its image, kept by the receiver, is shown from the receiver itself.
         thumbnail = f"{row(task['id'])} img.thumb"
