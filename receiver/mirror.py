@@ -54,6 +54,8 @@ log = get_logger("receiver.mirror")
 #: Seconds before each retry of the downloads that failed for a passing reason (then: final).
 RETRY_DELAYS = (2.0, 10.0, 30.0)
 MAX_REDIRECTS = 3
+#: Downloads at once per process: each holds up to RECEIVER_MIRROR_MAX_BYTES in memory.
+CONCURRENT_DOWNLOADS = 4
 #: Status codes worth trying again later.
 _PASSING = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -83,6 +85,7 @@ class Downloader:
         self.guard = guard
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self._slots = asyncio.Semaphore(CONCURRENT_DOWNLOADS)
         if transport is None:
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30)
             transport = (
@@ -104,9 +107,12 @@ class Downloader:
         except UrlNotAllowed as exc:
             raise AssetUnavailable("url_not_allowed", exc.message) from exc
         try:
-            async with asyncio.timeout(self.timeout):
-                async with self._client.stream("GET", url, timeout=self.timeout) as response:
-                    return await self._read(response)
+            async with (
+                self._slots,
+                asyncio.timeout(self.timeout),
+                self._client.stream("GET", url, timeout=self.timeout) as response,
+            ):
+                return await self._read(response)
         except (TimeoutError, httpx.TimeoutException) as exc:
             message = f"no complete answer within {self.timeout:g}s"
             raise AssetUnavailable("download_failed", message, retryable=True) from exc
@@ -170,26 +176,29 @@ class Mirror:
         if task is None or not task.mirroring or task.result is None:
             return DONE
         images: list[JSON] = list(task.result.get("images", []))
-        kept: dict[str, str] = dict(job.payload.get("kept", {}))  # image index -> asset URL, from earlier runs
-        todo = [i for i, image in enumerate(images) if wants_mirroring(image) and str(i) not in kept]
+        # From earlier runs of this job: image index -> asset URL, or the error that is final.
+        kept: dict[str, str] = dict(job.payload.get("kept", {}))
+        refused: dict[str, JSON] = dict(job.payload.get("refused", {}))
+        todo = [i for i, image in enumerate(images) if wants_mirroring(image) and str(i) not in kept | refused]
         answers = await asyncio.gather(*(self._keep(ctx.assets, images[i]["url"]) for i in todo))
-        failed: dict[int, AssetUnavailable] = {}
+        passing = 0
         for i, answer in zip(todo, answers, strict=True):
-            if isinstance(answer, AssetUnavailable):
-                failed[i] = answer
-            else:
+            if not isinstance(answer, AssetUnavailable):
                 kept[str(i)] = answer
-        attempt = job.attempts
-        if any(error.retryable for error in failed.values()) and attempt < len(self.retry_delays):
-            delay = self.retry_delays[attempt]
-            log.info("mirror.retry", task_id=task.id, failed=len(failed), attempt=attempt + 1, retry_in=delay)
-            return again(ctx.clock() + delay, {**job.payload, "kept": kept})
+            elif answer.retryable and job.attempts < len(self.retry_delays):
+                passing += 1  # tried again later
+            else:
+                refused[str(i)] = answer.as_error()
+        if passing:
+            delay = self.retry_delays[job.attempts]
+            log.info("mirror.retry", task_id=task.id, failed=passing, attempt=job.attempts + 1, retry_in=delay)
+            return again(ctx.clock() + delay, {**job.payload, "kept": kept, "refused": refused})
         final = []
         for i, image in enumerate(images):
             if str(i) in kept:
                 final.append({**image, "asset_url": kept[str(i)]})
-            elif i in failed:
-                final.append({**image, "asset_url": None, "asset_error": failed[i].as_error()})
+            elif str(i) in refused:
+                final.append({**image, "asset_url": None, "asset_error": refused[str(i)]})
             else:
                 final.append(image)
         applied = await ctx.store.transition(task.id, partial(keep_images, images=tuple(final), now=ctx.clock()))
@@ -197,7 +206,7 @@ class Mirror:
             "mirror.done",
             task_id=task.id,
             kept=len(kept),
-            failed=[f"{i}:{error.code}" for i, error in failed.items()],
+            failed=[f"{i}:{error.get('code')}" for i, error in refused.items()],
             announced=applied.transition.changed,
         )
         return DONE
