@@ -9,6 +9,9 @@ the same choices.
        └──────────┴───────────┴──▶ (any terminal state)
 
 `sequence` grows by one at every state change; terminal states never change.
+A success whose images are to be kept (receiver.mirror) is stored at once but
+announced later: `keep_images` ends the mirroring and emits the held
+`task.succeeded`, with the same `sequence`.
 """
 
 from __future__ import annotations
