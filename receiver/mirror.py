@@ -14,9 +14,10 @@ image into the asset store (receiver.assets) and ends with one transition
 `asset_error` saying why it could not be kept) and emits the `task.succeeded`
 held back, so subscribers get links that do not expire under them.
 
-A download goes through the same URL guard as deliveries (every connect,
-redirects included; `RECEIVER_ALLOW_PRIVATE_URLS=1` turns it off), ignores
-proxies from the environment, follows at most MAX_REDIRECTS redirects, must
+A download goes through the same URL guard as deliveries, with the sender's
+guarded resolver (every connect, every redirect's hop;
+`RECEIVER_ALLOW_PRIVATE_URLS=1` turns it off), ignores proxies from the
+environment, follows at most MAX_REDIRECTS redirects, must
 answer 200 with an `image/*` type and bytes that are an image the receiver
 knows (PNG, JPEG, WebP, GIF, AVIF — never SVG, which can carry scripts), at
 most RECEIVER_MIRROR_MAX_BYTES, within RECEIVER_MIRROR_TIMEOUT. Failures that
@@ -32,14 +33,15 @@ import asyncio
 from collections.abc import Sequence
 from functools import partial
 
-import httpx
+import aiohttp
+import yarl
 
 from receiver import __version__
 from receiver.assets import AssetStore, sniff
 from receiver.config import Settings
 from receiver.context import Context
-from receiver.delivery.sender import GuardedTransport
-from receiver.delivery.urlguard import UrlGuard
+from receiver.delivery.sender import GuardedResolver
+from receiver.delivery.urlguard import UrlGuard, literal_address
 from receiver.errors import AssetUnavailable, UrlNotAllowed
 from receiver.jobs import DONE, Outcome, again
 from receiver.logs import get_logger
@@ -58,6 +60,7 @@ MAX_REDIRECTS = 3
 CONCURRENT_DOWNLOADS = 4
 #: Status codes worth trying again later.
 _PASSING = frozenset({408, 425, 429, 500, 502, 503, 504})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def marked(settings: Settings, report: Report) -> Report:
@@ -72,72 +75,85 @@ class Downloader:
 
     downloader = Downloader(UrlGuard(), max_bytes=50 << 20, timeout=60)
     data = await downloader.fetch("https://cdn.example/a.png")
+
+    The connections go through the delivery sender's guarded resolver (every address a name
+    resolves to is checked, and the connection goes to a checked one); an address written in a
+    URL, which aiohttp connects to without resolving, is checked before each request. Redirects
+    are followed here, hop by hop, so that every hop's URL gets the same checks.
     """
 
-    def __init__(
-        self,
-        guard: UrlGuard,
-        *,
-        max_bytes: int,
-        timeout: float,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, guard: UrlGuard, *, max_bytes: int, timeout: float) -> None:
         self.guard = guard
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._slots = asyncio.Semaphore(CONCURRENT_DOWNLOADS)
-        if transport is None:
-            limits = httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30)
-            transport = (
-                httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-                if guard.allow_private
-                else GuardedTransport(guard, limits=limits)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Built on first use: a session belongs to the running event loop.
+        if self._session is None:
+            guarded = not self.guard.allow_private
+            connector = aiohttp.TCPConnector(
+                limit=CONCURRENT_DOWNLOADS * 4,
+                keepalive_timeout=30,
+                use_dns_cache=not guarded,  # with the guard, every new connection is resolved and checked
+                resolver=GuardedResolver(self.guard) if guarded else None,
             )
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            follow_redirects=True,
-            max_redirects=MAX_REDIRECTS,
-            trust_env=False,
-            headers={"user-agent": f"receiver/{__version__}", "accept": "image/*"},
-        )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                trust_env=False,  # a proxy would connect on the receiver's behalf, past the guard
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"user-agent": f"receiver/{__version__}", "accept": "image/*"},
+            )
+        return self._session
 
     async def fetch(self, url: str) -> bytes:
         try:
-            self.guard.parse(url, field="url")
-        except UrlNotAllowed as exc:
-            raise AssetUnavailable("url_not_allowed", exc.message) from exc
-        try:
-            async with (
-                self._slots,
-                asyncio.timeout(self.timeout),
-                self._client.stream("GET", url, timeout=self.timeout) as response,
-            ):
-                return await self._read(response)
-        except (TimeoutError, httpx.TimeoutException) as exc:
+            async with self._slots, asyncio.timeout(self.timeout):
+                for _ in range(MAX_REDIRECTS + 1):
+                    await self._check(url)
+                    async with self._client().get(url, allow_redirects=False) as response:
+                        if response.status not in _REDIRECTS:
+                            return await self._read(response)
+                        location = response.headers.get("location")
+                        if not location:
+                            raise AssetUnavailable("download_failed", f"HTTP {response.status} without a Location")
+                        url = str(response.url.join(yarl.URL(location)))
+                raise AssetUnavailable("download_failed", f"more than {MAX_REDIRECTS} redirects")
+        except TimeoutError as exc:
             message = f"no complete answer within {self.timeout:g}s"
             raise AssetUnavailable("download_failed", message, retryable=True) from exc
-        except UrlNotAllowed as exc:  # a connect the guard refused (a redirect's too)
+        except UrlNotAllowed as exc:  # the URL, a redirect's, or an address a name resolved to
             raise AssetUnavailable("url_not_allowed", exc.message) from exc
-        except httpx.TooManyRedirects as exc:
-            raise AssetUnavailable("download_failed", f"more than {MAX_REDIRECTS} redirects") from exc
-        except httpx.UnsupportedProtocol as exc:
-            raise AssetUnavailable("url_not_allowed", f"a redirect left http(s): {exc}") from exc
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        except aiohttp.ClientConnectorError as exc:
+            cause = exc.__cause__ or exc.os_error
+            if isinstance(cause, UrlNotAllowed):
+                raise AssetUnavailable("url_not_allowed", cause.message) from exc
+            raise AssetUnavailable(
+                "download_failed", f"connection failed: {cause or exc}"[:300], retryable=True
+            ) from exc
+        except (aiohttp.ClientError, ValueError, OSError) as exc:
             message = f"{type(exc).__name__}: {exc}"[:300]
             raise AssetUnavailable("download_failed", message, retryable=True) from exc
 
-    async def _read(self, response: httpx.Response) -> bytes:
-        status = response.status_code
+    async def _check(self, url: str) -> None:
+        """http(s) with a host (always); a literal address must pass the guard (unless it is off)."""
+        parsed = self.guard.parse(url, field="url")  # UrlNotAllowed
+        host = parsed.host
+        if not self.guard.allow_private and literal_address(host) is not None:
+            await self.guard.addresses(host, parsed.port or 0)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        status = response.status
         if status != 200:
             raise AssetUnavailable("download_failed", f"HTTP {status}", retryable=status in _PASSING)
         declared = response.headers.get("content-type", "").partition(";")[0].strip().lower()
         if not declared.startswith("image/"):
             raise AssetUnavailable("not_an_image", f"the answer is {declared or 'untyped'}, not image/*")
-        length = response.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
+        if response.content_length is not None and response.content_length > self.max_bytes:
             raise self._too_large()
         data = bytearray()
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.content.iter_chunked(1 << 16):
             data += chunk
             if len(data) > self.max_bytes:
                 raise self._too_large()
@@ -152,23 +168,16 @@ class Downloader:
         return AssetUnavailable("asset_too_large", f"larger than {self.max_bytes} bytes (RECEIVER_MIRROR_MAX_BYTES)")
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 class Mirror:
     """The `mirror` job's handler: download, store, then announce (see the module docstring)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        guard: UrlGuard,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        retry_delays: Sequence[float] = RETRY_DELAYS,
-    ) -> None:
-        self.downloader = Downloader(
-            guard, max_bytes=settings.mirror_max_bytes, timeout=settings.mirror_timeout, transport=transport
-        )
+    def __init__(self, settings: Settings, guard: UrlGuard, *, retry_delays: Sequence[float] = RETRY_DELAYS) -> None:
+        self.downloader = Downloader(guard, max_bytes=settings.mirror_max_bytes, timeout=settings.mirror_timeout)
         self.retry_delays = tuple(retry_delays)
 
     async def run(self, ctx: Context, job: Job) -> Outcome:

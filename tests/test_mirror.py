@@ -12,11 +12,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
 
 from receiver.clock import FakeClock
 from receiver.fakes.provider import PNG, FakeProvider
 from receiver.fakes.subscriber import FakeSubscriber
-from receiver.server import free_port
+from receiver.server import free_port, serve_in_background
 from tests.conftest import Running, start_receiver
 from tests.delivery.helpers import eventually, sink, subscribe
 from tests.routes.test_streams import frames
@@ -227,3 +230,31 @@ async def test_with_mirroring_off_the_success_is_announced_at_once(
         assert (await running.ctx.store.counts())["jobs"] == {}
     assert "mirror" not in task["result"] and task["result"]["images"][0]["asset_url"] is None
     assert not (tmp_path / "assets").exists()
+
+
+@asynccontextmanager
+async def redirects(image_url: str) -> AsyncIterator[str]:
+    """`/hops/N` redirects N + 1 times, the last to `image_url`; `/elsewhere` redirects to a file: URL."""
+
+    async def hops(request: Any) -> RedirectResponse:
+        left = int(request.path_params["left"])
+        return RedirectResponse(image_url if left == 0 else f"/hops/{left - 1}", status_code=302)
+
+    async def elsewhere(request: Any) -> Response:
+        return Response(status_code=307, headers={"location": "file:///etc/passwd"})
+
+    app = Starlette(routes=[Route("/hops/{left}", hops), Route("/elsewhere", elsewhere)])
+    async with serve_in_background(app) as url:
+        yield url
+
+
+async def test_redirects_are_followed_a_few_hops_and_never_off_http(
+    tmp_path: Path, fake_provider: tuple[FakeProvider, str]
+) -> None:
+    async with redirects(f"{fake_provider[1]}/images/x.png") as url, mirroring(tmp_path, fake_provider) as running:
+        task_id = await post_images(running, fake_provider[1], f"{url}/hops/2", f"{url}/hops/3", f"{url}/elsewhere")
+        task = await settled(running, task_id)
+    three, four, elsewhere = task["result"]["images"]
+    assert three["asset_url"] and "asset_error" not in three, three
+    assert four["asset_error"]["code"] == "download_failed" and "redirects" in four["asset_error"]["message"]
+    assert elsewhere["asset_error"]["code"] == "url_not_allowed"
