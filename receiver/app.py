@@ -35,7 +35,9 @@ from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
 from receiver.mirror import MIRROR, Mirror
+from receiver.protocol import BodyDeadline
 from receiver.providers import Providers, signatures_for
+from receiver.quotas import Quotas
 from receiver.routes import assets, callbacks, deliveries, ops, streams, subscriptions, tasks, ui
 from receiver.signing import AssetSigner, CallbackSigner
 from receiver.store import Store, create_store
@@ -113,6 +115,7 @@ def create_app(
                 )
                 app.state.ctx = ctx
                 app.state.draining = asyncio.Event()  # set when the server stops: SSE streams end
+                app.state.quotas = Quotas(settings)  # long-polls and streams open per API key
                 sender = AiohttpSender(guard=None if settings.allow_private_urls else ctx.url_guard)
                 dispatcher = app.state.dispatcher = Dispatcher(ctx, sender)
                 dispatcher.start()
@@ -133,12 +136,16 @@ def create_app(
                     await workers.stop()
                     await jobs.stop()
                     await mirror.aclose()
-                    await dispatcher.close()
+                    # Sends in flight may end within what is left of the server's graceful shutdown
+                    # (receiver.server.begin_draining); the rest go back to the outbox.
+                    stop_by = getattr(app.state, "stop_by", None)
+                    now = asyncio.get_running_loop().time()
+                    await dispatcher.close(grace=settings.shutdown_timeout if stop_by is None else stop_by - now)
                     await sender.aclose()
         finally:
             await the_store.close()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             *callbacks.routes,  # first: the route every provider hits, matched before any other
             Mount(
@@ -150,10 +157,12 @@ def create_app(
             *ops.routes,
             *ui.routes,
         ],
-        middleware=[Middleware(AccessLog)],
+        middleware=[Middleware(AccessLog), Middleware(BodyDeadline, seconds=settings.body_timeout)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    app.state.settings = settings  # receiver.server serves it with these limits (receiver.protocol)
+    return app
 
 
 def app_from_env() -> Starlette:

@@ -212,6 +212,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from receiver.app import create_app
     from receiver.context import INSTANCE_VARIABLE
+    from receiver.protocol import server_options
     from receiver.server import Server, uvicorn_config
 
     settings = _settings()
@@ -245,9 +246,11 @@ def run_serve(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,
             server_header=False,
+            **server_options(settings),  # the same limits and shutdown deadline in every worker
             **common,
         )
         return 0
+    # uvicorn_config takes the limits and shutdown deadline from the app's settings (receiver.protocol).
     Server(uvicorn_config(create_app(settings), **common)).run()
     return 0
 

@@ -86,6 +86,13 @@ class Settings:
     metrics_token: Secret | None = None
     forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "info"
+    shutdown_timeout: float = 10.0  # seconds a stopping server waits for requests and deliveries in flight
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    header_timeout: float = 10.0  # seconds a client has to send a request's head
+    body_timeout: float = 60.0  # seconds a client has to send a request's whole body
+    max_header_bytes: int = 16384  # largest request head (request line and headers)
+    max_streams_per_key: int = 100  # long-polls and SSE streams open at once per API key
+    max_callbacks_per_task: int = 100  # callbacks stored per task; beyond it 429, nothing stored
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -133,6 +140,13 @@ class Settings:
             metrics_token=env("RECEIVER_METRICS_TOKEN", Secret, None),
             forwarded_allow_ips=env("RECEIVER_FORWARDED_ALLOW_IPS", str, cls.forwarded_allow_ips),
             log_level=env("RECEIVER_LOG_LEVEL", _log_level, cls.log_level),
+            shutdown_timeout=env("RECEIVER_SHUTDOWN_TIMEOUT", _positive_float, cls.shutdown_timeout),
+            keep_alive_timeout=env("RECEIVER_KEEP_ALIVE_TIMEOUT", _positive_float, cls.keep_alive_timeout),
+            header_timeout=env("RECEIVER_HEADER_TIMEOUT", _positive_float, cls.header_timeout),
+            body_timeout=env("RECEIVER_BODY_TIMEOUT", _positive_float, cls.body_timeout),
+            max_header_bytes=env("RECEIVER_MAX_HEADER_BYTES", _positive_int, cls.max_header_bytes),
+            max_streams_per_key=env("RECEIVER_MAX_STREAMS_PER_KEY", _positive_int, cls.max_streams_per_key),
+            max_callbacks_per_task=env("RECEIVER_MAX_CALLBACKS_PER_TASK", _positive_int, cls.max_callbacks_per_task),
         )
 
     def replace(self, **changes: Any) -> Settings:

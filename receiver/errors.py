@@ -12,6 +12,7 @@ ReceiverError
 │   ├── NotFound               404 <thing>_not_found
 │   ├── Conflict               409 <reason>
 │   │   └── TaskMismatch       409 task_mismatch
+│   ├── RequestTimeout         408 request_timeout (a body sent too slowly)
 │   ├── CallbackExpired        410 callback_expired
 │   ├── PayloadTooLarge        413 payload_too_large
 │   ├── TooManyRequests        429 <limit>_exceeded (Retry-After)
@@ -170,6 +171,16 @@ class TaskMismatch(Conflict):
         self.task_id = task_id
 
 
+class RequestTimeout(ApiError):
+    """A client took longer than the server allows to send a request's body."""
+
+    status_code = 408
+    code = "request_timeout"
+
+    def __init__(self, message: str, *, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, details=details, headers={"Connection": "close"})
+
+
 class CallbackExpired(ApiError):
     """A correctly signed callback token that is past its validity."""
 
@@ -178,7 +189,9 @@ class CallbackExpired(ApiError):
 
 
 class PayloadTooLarge(ApiError):
-    """A request body larger than the configured limit."""
+    """A request body larger than the configured limit. The answer goes as soon as the limit is
+    passed; what the client still sends is discarded briefly, then the connection is closed
+    (receiver.protocol's lingering close)."""
 
     status_code = 413
     code = "payload_too_large"

@@ -74,7 +74,9 @@ async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str
     if signature is SignatureCheck.UNCHECKED:
         report = report.with_warning(ctx.signatures.warning(dialect.name))
     kept = {k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS}
-    return await record(ctx, task_id, body, kept, report, signature=signature)
+    # A leaked callback URL cannot fill the database: at most so many callbacks per task (429 beyond).
+    limit = ctx.settings.max_callbacks_per_task
+    return await record(ctx, task_id, body, kept, report, signature=signature, max_callbacks=limit)
 
 
 async def record(
@@ -85,6 +87,7 @@ async def record(
     report: Report,
     *,
     signature: SignatureCheck | None = None,
+    max_callbacks: int | None = None,
 ) -> Applied:
     """Log `body` in the task's callback log and apply `report`, in one transaction.
 
@@ -92,7 +95,8 @@ async def record(
     call); inline images (`b64_json`) are moved to the asset store first, so a task never holds
     image bytes; a success's images are then kept before it is announced (receiver.mirror).
     `headers` name the source (`x-receiver-source`) of what was not a callback;
-    `signature` is how a callback's provider signature was checked.
+    `signature` is how a callback's provider signature was checked; `max_callbacks` caps the
+    task's callback log (callbacks from outside only: what the receiver fetched itself is not capped).
     """
     if report.has_inline_images:
         report = await ctx.assets.inline_images(report)
@@ -107,7 +111,7 @@ async def record(
         body_sha256=hashlib.sha256(body).hexdigest(),
         provider_signature=signature.value if signature is not None else None,
     )
-    applied = await ctx.store.record_callback(callback, report)
+    applied = await ctx.store.record_callback(callback, report, max_callbacks=max_callbacks)
     log.info(
         "callback.recorded",
         task_id=task_id,

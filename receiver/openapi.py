@@ -36,8 +36,13 @@ def errors(*codes: int) -> JSON:
         404: "Not found",
         409: "Conflict",
         410: "Expired",
+        408: "The body did not arrive in time (request_timeout, RECEIVER_BODY_TIMEOUT); the connection is closed",
         413: "Payload too large",
-        429: "Too many at once (too_many_streams); Retry-After says when to try again",
+        429: "Too many: long-polls and streams open with this key (too_many_streams, RECEIVER_MAX_STREAMS_PER_KEY) "
+        "or callbacks logged for this task (too_many_callbacks, RECEIVER_MAX_CALLBACKS_PER_TASK); "
+        "Retry-After says when to try again",
+        431: "The request line and headers are too large (request_header_fields_too_large, "
+        "RECEIVER_MAX_HEADER_BYTES); the connection is closed",
         502: "The provider refused the task",
         503: "The provider's signing keys cannot be fetched now (provider_keys_unavailable); retry later",
     }
@@ -290,6 +295,10 @@ TASK_ID = path_param("task_id", "The task's id (tsk_…).")
 SUBSCRIPTION_ID = path_param("subscription_id", "The subscription's id (sub_…).")
 DELIVERY_ID = path_param("delivery_id", "The delivery's id (dlv_…).")
 
+#: A callback may be refused for its token, its payload, its size, its pace, or a full callback log.
+CALLBACK_ERRORS = errors(400, 403, 404, 408, 409, 410, 413, 429, 503)
+
+
 PATHS: JSON = {
     "/v1/tasks": {
         "post": {
@@ -342,7 +351,7 @@ PATHS: JSON = {
                 TASK_ID,
                 query_param("wait", {"type": "number", "minimum": 0, "maximum": 60}, "Seconds to wait."),
             ],
-            "responses": {"200": answer("The task", ref("Task")), **errors(400, 401, 404)},
+            "responses": {"200": answer("The task", ref("Task")), **errors(400, 401, 404, 429)},
         }
     },
     "/v1/tasks/{task_id}/callbacks": {
@@ -380,7 +389,7 @@ PATHS: JSON = {
                     "description": "`id:` the task's sequence, `event:` task.<state>, `data:` the task (JSON)",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
-                **errors(401, 404),
+                **errors(401, 404, 429),
             },
         }
     },
@@ -533,7 +542,7 @@ PATHS: JSON = {
             "operationId": "receiveCallback",
             "parameters": [path_param("token", "The signed token from the callback URL.")],
             "requestBody": json_body({"type": "object"}),
-            "responses": {"200": answer("Stored", ref("CallbackAck")), **errors(400, 403, 404, 409, 410, 413, 503)},
+            "responses": {"200": answer("Stored", ref("CallbackAck")), **CALLBACK_ERRORS},
         }
     },
     "/callbacks/{token}/callback": {
@@ -542,7 +551,7 @@ PATHS: JSON = {
             "operationId": "receiveCallbackSuffixed",
             "parameters": [path_param("token", "The signed token from the callback URL.")],
             "requestBody": json_body({"type": "object"}),
-            "responses": {"200": answer("Stored", ref("CallbackAck")), **errors(400, 403, 404, 409, 410, 413, 503)},
+            "responses": {"200": answer("Stored", ref("CallbackAck")), **CALLBACK_ERRORS},
         }
     },
     "/assets/{token}": {
@@ -606,6 +615,19 @@ PATHS: JSON = {
 }
 
 
+def _with_server_limits(paths: JSON) -> JSON:
+    """Every operation may be answered 431 (an oversized head), and one that takes a body 408 (a body
+    sent too slowly): the server's limits (receiver.protocol), before any route runs."""
+    limited: JSON = {}
+    for path, operations in paths.items():
+        limited[path] = {}
+        for method, operation in operations.items():
+            codes = (408, 431) if method in ("post", "put", "patch") else (431,)
+            extra = {code: value for code, value in errors(*codes).items() if code not in operation["responses"]}
+            limited[path][method] = {**operation, "responses": {**operation["responses"], **extra}}
+    return limited
+
+
 def document(server_url: str) -> JSON:
     return {
         "openapi": "3.1.0",
@@ -615,7 +637,7 @@ def document(server_url: str) -> JSON:
             "description": "A webhook callback receiver for asynchronous image-generation APIs.",
         },
         "servers": [{"url": server_url}],
-        "paths": PATHS,
+        "paths": _with_server_limits(PATHS),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

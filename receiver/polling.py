@@ -12,24 +12,34 @@ expiry takes over.
 
 An answer is recorded (callback log + state, as a callback would be) only when
 its state differs from the last one recorded, so a task that waits for an hour
-does not fill its log with identical "waiting" answers.
+does not fill its log with identical "waiting" answers. A failed poll is shown
+in the task's callback log too (`verdict: ignored`, `reason: poll_failed`, the
+body `{"error": {code, message, status_code?, body?}}`, header
+`x-receiver-source: poll`), once per kind of failure in a row: what a user
+debugging a stuck task looks at, rather than the receiver's own logs.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from receiver.config import Settings
 from receiver.context import Context
-from receiver.errors import InvalidPayload, ProviderError, TaskMismatch
+from receiver.errors import InvalidPayload, ProviderError, ReceiverError, TaskMismatch
 from receiver.ingest import SOURCE_HEADER, logged_body, record
 from receiver.jobs import DONE, Outcome, again
 from receiver.logs import get_logger
 from receiver.store.base import Job
-from receiver.tasks import JobSpec
+from receiver.tasks import JobSpec, Report
 from receiver.types import TaskState
 
 log = get_logger("receiver.polling")
 
 KIND = "poll"
+#: The callback log's reason for a poll that failed (an error status, a timeout, garbage).
+POLL_FAILED = "poll_failed"
 GROWTH = 1.5
 
 
@@ -71,7 +81,12 @@ async def poll_once(ctx: Context, job: Job) -> Outcome:
             error=str(exc)[:300],
             retry_in=round(delay, 3),
         )
-        return again(ctx.clock() + delay, {**payload, "failures": int(payload.get("failures", 0)) + 1})
+        payload = {**payload, "failures": int(payload.get("failures", 0)) + 1}
+        if payload.get("failed_with") != exc.code:  # shown once per kind of failure in a row, not every poll
+            await _log_failure(ctx, task.id, exc)
+            payload["failed_with"] = exc.code
+        return again(ctx.clock() + delay, payload)
+    payload.pop("failed_with", None)
     log.info("poll.answered", task_id=task.id, provider=task.provider, attempt=attempt, state=report.state.value)
     if report.state.value != job.payload.get("reported"):
         headers = {"content-type": answer.content_type or "application/json", SOURCE_HEADER: "poll"}
@@ -84,3 +99,19 @@ async def poll_once(ctx: Context, job: Job) -> Outcome:
             return DONE
         payload["reported"] = report.state.value
     return again(ctx.clock() + delay, payload)
+
+
+async def _log_failure(ctx: Context, task_id: str, exc: ProviderError | InvalidPayload) -> None:
+    """Put a failed poll in the task's callback log, where the dashboard and the API show it."""
+    error: dict[str, Any] = {"code": exc.code, "message": str(exc)[:500]}
+    if isinstance(exc, ProviderError):  # what the provider answered, if it answered (InvalidPayload: a bad task)
+        if exc.status_code is not None:
+            error["status_code"] = exc.status_code
+        if exc.body is not None:
+            error["body"] = exc.body[:1024] if isinstance(exc.body, str) else exc.body
+    headers = {"content-type": "application/json", SOURCE_HEADER: "poll"}
+    report = Report(TaskState.SUBMITTED, unusable=POLL_FAILED)
+    try:
+        await record(ctx, task_id, orjson.dumps({"error": error}), headers, report)
+    except ReceiverError as failed:  # the log is for people; polling goes on regardless
+        log.warning("poll.failure_not_logged", task_id=task_id, error=str(failed)[:300])

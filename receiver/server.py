@@ -15,14 +15,22 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
+from receiver.config import Settings
+from receiver.protocol import server_options
 
-def begin_draining(app: object) -> None:
+
+def begin_draining(app: object, grace: float | None = None) -> None:
     """Tell an app's long-lived responses (SSE streams) to finish: the server is stopping.
 
     The receiver's lifespan puts an asyncio.Event at `app.state.draining`; other apps are left alone.
+    `grace`: the seconds the server gives requests in flight; the lifespan gives deliveries in
+    flight what is left of them (`app.state.stop_by`, loop time), so the whole stop keeps one deadline.
     """
-    event = getattr(getattr(app, "state", None), "draining", None)
+    state = getattr(app, "state", None)
+    event = getattr(state, "draining", None)
     if isinstance(event, asyncio.Event):
+        if grace is not None and not event.is_set():
+            state.stop_by = asyncio.get_running_loop().time() + grace  # type: ignore[union-attr]
         event.set()
 
 
@@ -30,7 +38,7 @@ class Server(uvicorn.Server):
     """uvicorn's server, which lets streaming responses end cleanly before it waits for them."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        begin_draining(self.config.app)
+        begin_draining(self.config.app, self.config.timeout_graceful_shutdown)
         await super().shutdown(sockets=sockets)
 
 
@@ -43,7 +51,9 @@ class _QuietServer(Server):
 
 
 def uvicorn_config(app: ASGIApp | str, **overrides: Any) -> uvicorn.Config:
-    """uvicorn settings the receiver always wants (its own redacted access log, no server header)."""
+    """uvicorn settings the receiver always wants (its own redacted access log, no server header),
+    and for a receiver app (`create_app` keeps its settings at `app.state.settings`) its limits
+    and timeouts (receiver.protocol)."""
     options: dict[str, Any] = {
         "log_config": None,
         "access_log": False,
@@ -51,6 +61,9 @@ def uvicorn_config(app: ASGIApp | str, **overrides: Any) -> uvicorn.Config:
         "lifespan": "on",
         "timeout_graceful_shutdown": 10,
     }
+    settings = getattr(getattr(app, "state", None), "settings", None)
+    if isinstance(settings, Settings):
+        options.update(server_options(settings))
     options.update(overrides)
     return uvicorn.Config(app, **options)
 

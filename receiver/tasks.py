@@ -104,6 +104,7 @@ class Report(Value):
     dialect: str | None = None
     warnings: tuple[str, ...] = ()
     mirror: bool = False  # keep the images (receiver.mirror) before the success is announced
+    unusable: str | None = None  # an answer that says nothing usable (a failed poll): logged with this reason
 
     @property
     def has_inline_images(self) -> bool:
@@ -187,6 +188,8 @@ def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = Fa
             f"Task {task.id} takes {task.provider} callbacks; this payload is {report.dialect}.",
             details={"task_id": task.id, "provider": task.provider, "dialect": report.dialect},
         )
+    if report.unusable is not None:  # kept in the callback log for people to see; the task is unchanged
+        return Transition(None, verdict=Verdict.IGNORED, reason=report.unusable)
     if duplicate:
         return Transition(None, verdict=Verdict.DUPLICATE, reason="duplicate")
     named = report.upstream_task_id

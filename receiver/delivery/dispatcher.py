@@ -246,12 +246,15 @@ class Dispatcher:
         if released:
             await self.ctx.store.release_deliveries(released, self.owner)
 
-    async def close(self) -> None:
-        """Cancel the sends in flight and hand every lease back (they go again later, same webhook-id)."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Let the sends in flight end within `grace` seconds, cancel the rest, and hand every
+        lease back (what was not sent goes again later, with the same webhook-id)."""
         self.ctx.store.feed.stop_taking_offers()
         await asyncio.gather(*self._chores, return_exceptions=True)
         for endpoint in self._endpoints.values():
             endpoint.queue.clear()
+        if self._sends and grace > 0:
+            await asyncio.wait(set(self._sends), timeout=grace)  # queues are empty: no new sends start
         for send in list(self._sends):
             send.cancel()
         await asyncio.gather(*self._sends, return_exceptions=True)

@@ -30,6 +30,9 @@ prompt:
     [flaky]        xenodia: the first polls answer 503, then garbage, then the task
     [nested]       xenodia: a finished task carries `result.data` and says `completed`
     [b64]          router: images as `b64_json`
+    [hang]         xhuoapi, xenodia: never answer the submission (until the caller hangs up)
+    [hang-poll]    xenodia: the first poll is never answered (until the caller hangs up), then the task
+    [wrong-shape]  xenodia: the first poll answers JSON that is not a task object, then the task
 
 Everything it receives is listed at `GET /_fake/requests` (Authorization headers reduced to
 whether one was present; uploaded files as name, type, size and sha256; their bytes are in
@@ -73,6 +76,8 @@ PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 )
 _REFUSE = re.compile(r"\[refuse:(\d{3})\]")
+#: How long `[hang]` and `[hang-poll]` hold a request whose caller does not hang up.
+HANG_SECONDS = 300.0
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -235,6 +240,8 @@ class FakeProvider:
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             return _json({"success": False, "error": {"code": "bad_request", "message": "prompt is required"}}, 400)
         prompt: str = body["prompt"]
+        if "[hang]" in prompt:
+            await _pause(request, HANG_SECONDS)
         refuse = _REFUSE.search(prompt)
         if refuse:
             status = int(refuse.group(1))
@@ -287,6 +294,8 @@ class FakeProvider:
         refused = self._refusal(body["prompt"])
         if refused is not None:
             return refused
+        if "[hang]" in body["prompt"]:
+            await _pause(request, HANG_SECONDS)
         if body.get("async") in (True, "true"):
             return self.xenodia_accept(body)
         return await self.router_answer(request, body)
@@ -320,6 +329,10 @@ class FakeProvider:
             return _json({"error": {"code": "not_found", "message": "no such task"}}, 404)
         task["polls"] += 1
         prompt: str = task["prompt"]
+        if "[hang-poll]" in prompt and task["polls"] == 1:
+            await _pause(request, HANG_SECONDS)
+        if "[wrong-shape]" in prompt and task["polls"] == 1:
+            return _json({"status": "who knows", "items": [1, 2, 3]})
         if "[flaky]" in prompt and task["polls"] <= 2:
             if task["polls"] == 1:
                 return _json({"error": {"code": "unavailable", "message": "try again"}}, 503)

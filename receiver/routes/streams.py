@@ -21,9 +21,10 @@ once more (same `id`) with its asset URLs before the stream ends.
 
 It starts with `event: ready` once it listens (read what you show after it, so
 nothing falls in between). At most STREAMS_PER_KEY at once per API key (429
-`too_many_streams`). A comment line every `HEARTBEAT` seconds keeps proxies
-from closing a quiet stream; streams also end when the client goes away or
-the receiver shuts down.
+`too_many_streams`); every stream also holds one of the key's slots for
+long-lived requests (receiver.quotas, `RECEIVER_MAX_STREAMS_PER_KEY`).
+A comment line every `HEARTBEAT` seconds keeps proxies from closing a quiet
+stream; streams also end when the client goes away or the receiver shuts down.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from receiver.auth import KEY_ID_SCOPE
 from receiver.broadcast import Notice
 from receiver.context import Context
 from receiver.errors import NotFound, TooManyRequests
+from receiver.quotas import quotas
 from receiver.routes import context
 from receiver.tasks import Task
 
@@ -67,8 +69,9 @@ async def task_events(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     if await ctx.store.get_task(task_id) is None:
         raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
+    release = quotas(request).streams.take(request.scope.get(KEY_ID_SCOPE, ""))
     draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
-    return StreamingResponse(stream(ctx, task_id, draining), media_type="text/event-stream", headers=_HEADERS)
+    return _Counted(stream(ctx, task_id, draining), release)
 
 
 async def stream(ctx: Context, task_id: str, draining: asyncio.Event) -> AsyncIterator[bytes]:
@@ -121,9 +124,11 @@ async def activity(request: Request) -> Response:
             retry_after=5,
             details={"limit": STREAMS_PER_KEY},
         )
+    release_slot = quotas(request).streams.take(key)  # the cap on every long-lived request of the key
     open_streams[key] = open_streams.get(key, 0) + 1
 
     def release() -> None:
+        release_slot()
         open_streams[key] -= 1
         if not open_streams[key]:
             del open_streams[key]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from functools import partial
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -15,6 +16,7 @@ from receiver.errors import InvalidParameters, InvalidRequest, NotFound, json_re
 from receiver.ids import new_id
 from receiver.providers import CALLBACK_DIALECTS
 from receiver.providers.base import Upload
+from receiver.quotas import quotas
 from receiver.routes import context, cursors, query_float, query_int, read_json_object
 from receiver.routes.forms import is_multipart, read_submission_form
 from receiver.store.base import TaskQuery
@@ -54,23 +56,53 @@ async def get_task(request: Request) -> Response:
     wait = query_float(request, "wait", 0.0, low=0.0, high=MAX_WAIT)
     task = await _task_or_404(request)
     if wait > 0 and not task.terminal:
-        task = await wait_for_terminal(request, task, wait)
+        release = quotas(request).streams.take(request.scope.get(KEY_ID_SCOPE, ""))  # 429 beyond the cap
+        try:
+            task = await wait_for_terminal(request, task, wait)
+        finally:
+            release()
     return json_response(task.to_api())
 
 
 async def wait_for_terminal(request: Request, task: Task, seconds: float) -> Task:
-    """Hold until the task is terminal or `seconds` pass; answers at once on the change."""
+    """Hold until the task is terminal or `seconds` pass; answers at once on the change, and with
+    the task as it is when the server starts to shut down (the client asks again elsewhere).
+    A client that goes away ends the wait (and frees its slot: receiver.quotas) at once."""
     feed = context(request).store.feed
-    with feed.listen(task.id) as changes:
-        # Read again after listening, so a change committed in between is not missed.
-        task = await context(request).store.get_task(task.id) or task
-        try:
+    draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
+    stopping = asyncio.ensure_future(draining.wait())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        with feed.listen(task.id) as changes:
+            # Read again after listening, so a change committed in between is not missed.
+            task = await context(request).store.get_task(task.id) or task
             async with asyncio.timeout(seconds):
-                while not task.terminal:
-                    task = await changes.get()
-        except TimeoutError:
-            pass
+                while not task.terminal and not stopping.done() and not gone.done():
+                    task = await _next(changes, stopping, gone) or task
+    except TimeoutError:
+        pass
+    finally:
+        stopping.cancel()
+        gone.cancel()
     return task
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone (the body of a GET is empty: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next(changes: asyncio.Queue[Task], *stops: asyncio.Future[Any]) -> Task | None:
+    """The next change of the task, or None once one of `stops` is done."""
+    if not changes.empty():
+        return changes.get_nowait()
+    getting = asyncio.ensure_future(changes.get())
+    try:
+        await asyncio.wait({getting, *stops}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        getting.cancel()
+    return getting.result() if getting.done() and not getting.cancelled() else None
 
 
 async def list_tasks(request: Request) -> Response:

@@ -322,11 +322,15 @@ class Store(Protocol):
     async def transition(self, task_id: str, decide: Decide) -> Applied:
         """Run `decide` on the current task inside a transaction and write what it returns."""
 
-    async def record_callback(self, callback: IncomingCallback, report: Report) -> Applied:
+    async def record_callback(
+        self, callback: IncomingCallback, report: Report, *, max_callbacks: int | None = None
+    ) -> Applied:
         """Log `callback` and apply `report` to its task in one transaction.
 
         Duplicates (same body already stored for the task) are logged and change nothing.
-        Raises TaskMismatch (nothing written) when the report names another upstream task.
+        Raises TaskMismatch (nothing written) when the report names another upstream task, and
+        TooManyRequests `too_many_callbacks` (nothing written) when the task already has
+        `max_callbacks` callbacks logged — counted in the same query as the duplicate check.
         """
 
     async def list_callbacks(self, task_id: str) -> list[StoredCallback]: ...

@@ -180,7 +180,7 @@ def callback_row(callback: IncomingCallback, applied: Applied, report: Report) -
         "verdict": applied.verdict.value,
         "reason": applied.transition.reason,
         "dialect": report.dialect,
-        "reported_state": report.state.value,
+        "reported_state": None if report.unusable is not None else report.state.value,
         "provider_signature": callback.provider_signature,
     }
 

@@ -44,6 +44,7 @@ from receiver.clock import system_clock
 from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.events import event_body, task_event_body
 from receiver.logs import get_logger
+from receiver.quotas import too_many_callbacks
 from receiver.store import migrations
 from receiver.store.base import (
     Applied,
@@ -498,15 +499,20 @@ class PostgresStore:
             await self._notify_applied(conn, [applied])
         return announce(self.feed, applied)
 
-    async def record_callback(self, callback: IncomingCallback, report: Report) -> Applied:
+    async def record_callback(
+        self, callback: IncomingCallback, report: Report, *, max_callbacks: int | None = None
+    ) -> Applied:
         async with self._transaction() as conn:
-            # The task's row lock serialises its callbacks, so the duplicate check cannot race.
+            # The task's row lock serialises its callbacks, so the duplicate check and the count cannot race;
+            # one query (the callbacks_task index) does both.
             task = await _lock_task(conn, callback.task_id)
-            duplicate = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM callbacks WHERE task_id = $1 AND body_sha256 = $2)",
+            logged, duplicate = await conn.fetchrow(
+                "SELECT count(*), coalesce(bool_or(body_sha256 = $2), false) FROM callbacks WHERE task_id = $1",
                 callback.task_id,
                 callback.body_sha256,
             )
+            if max_callbacks is not None and logged >= max_callbacks:
+                raise too_many_callbacks(callback.task_id, max_callbacks)
             moment = self.clock()
             transition = apply_report(task, report, now=moment, duplicate=duplicate)
             applied = await _apply(conn, task, transition, moment, self._lease(moment))

@@ -26,6 +26,7 @@ from receiver.clock import system_clock
 from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.events import event_body, task_event_body
 from receiver.logs import get_logger
+from receiver.quotas import too_many_callbacks
 from receiver.store import migrations
 from receiver.store.base import (
     Applied,
@@ -203,10 +204,19 @@ class SQLiteStore:
         )
         return self._published(applied)
 
-    async def record_callback(self, callback: IncomingCallback, report: Report) -> Applied:
+    async def record_callback(
+        self, callback: IncomingCallback, report: Report, *, max_callbacks: int | None = None
+    ) -> Applied:
         now = self.clock()
         applied: Applied = await self._write(
-            partial(_record_callback, callback=callback, report=report, now=now, lease=self._lease(now))
+            partial(
+                _record_callback,
+                callback=callback,
+                report=report,
+                now=now,
+                lease=self._lease(now),
+                max_callbacks=max_callbacks,
+            )
         )
         self.feed.notice(CALLBACK, callback.task_id, callback.id)
         return self._published(applied)
@@ -592,16 +602,23 @@ def _transition(
 
 
 def _record_callback(
-    conn: sqlite3.Connection, *, callback: IncomingCallback, report: Report, now: float, lease: Lease | None = None
+    conn: sqlite3.Connection,
+    *,
+    callback: IncomingCallback,
+    report: Report,
+    now: float,
+    lease: Lease | None = None,
+    max_callbacks: int | None = None,
 ) -> Applied:
     task = _load_task(conn, callback.task_id)
-    duplicate = (
-        conn.execute(
-            "SELECT 1 FROM callbacks WHERE task_id = ? AND body_sha256 = ? LIMIT 1",
-            (callback.task_id, callback.body_sha256),
-        ).fetchone()
-        is not None
-    )
+    # One query (the callbacks_task index) both counts the task's log and finds a duplicate.
+    logged, seen = conn.execute(
+        "SELECT count(*), coalesce(max(body_sha256 = ?), 0) FROM callbacks WHERE task_id = ?",
+        (callback.body_sha256, callback.task_id),
+    ).fetchone()
+    if max_callbacks is not None and logged >= max_callbacks:
+        raise too_many_callbacks(callback.task_id, max_callbacks)
+    duplicate = bool(seen)
     applied = _apply(conn, task, apply_report(task, report, now=now, duplicate=duplicate), now, lease)
     conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied

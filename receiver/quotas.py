@@ -1,0 +1,89 @@
+"""Limits on what one client may hold or store.
+
+    release = quotas(request).streams.take(key_id)      # 429 too_many_streams when full
+    try: ... finally: release()
+
+- `streams`: long-polls (`GET /v1/tasks/{id}?wait=`) and SSE streams
+  (`/v1/tasks/{id}/events`, `/v1/stream`) open at once per API key
+  (`RECEIVER_MAX_STREAMS_PER_KEY`), 429 `too_many_streams` with Retry-After
+  beyond it (dashboard streams have their own, smaller cap as well:
+  receiver.routes.streams). Counted per process: with `--workers N` each
+  worker admits its own share.
+- Callbacks stored per task (`RECEIVER_MAX_CALLBACKS_PER_TASK`) are counted
+  by the store in the transaction that would store one more (`TooManyCallbacks`),
+  so a leaked callback URL cannot fill the database and the check costs no
+  extra round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.requests import Request
+
+from receiver.config import Settings
+from receiver.errors import TooManyRequests
+
+#: Seconds a client refused for too many open streams is told to wait.
+STREAM_RETRY_AFTER = 5
+#: Seconds a provider is told to wait once a task's callback log is full (it will not empty).
+CALLBACKS_RETRY_AFTER = 3600
+
+
+class Slots:
+    """At most `limit` things held at once per key."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self._held: dict[str, int] = {}
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)
+
+    def take(self, key: str) -> Callable[[], None]:
+        """Hold one slot for `key`, or raise 429 `too_many_streams`; returns its (idempotent) release."""
+        if self._held.get(key, 0) >= self.limit:
+            raise TooManyRequests(
+                f"At most {self.limit} {self.what} may be open at once with one API key; close one first.",
+                code="too_many_streams",
+                retry_after=STREAM_RETRY_AFTER,
+                details={"limit": self.limit},
+            )
+        self._held[key] = self._held.get(key, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+
+        return release
+
+
+class Quotas:
+    """The per-process limits of one app (kept at `app.state.quotas`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.streams = Slots(settings.max_streams_per_key, "long-polls and event streams")
+
+
+def quotas(request: Request) -> Quotas:
+    found: Quotas | None = getattr(request.app.state, "quotas", None)
+    if found is None:  # an app whose lifespan has not run (a bare test app)
+        found = request.app.state.quotas = Quotas(Settings())
+    return found
+
+
+def too_many_callbacks(task_id: str, limit: int) -> TooManyRequests:
+    """The refusal of a callback beyond a task's limit (raised by the store, nothing stored)."""
+    return TooManyRequests(
+        f"Task {task_id} already has {limit} callbacks logged; no more are accepted.",
+        code="too_many_callbacks",
+        retry_after=CALLBACKS_RETRY_AFTER,
+        details={"task_id": task_id, "limit": limit},
+    )

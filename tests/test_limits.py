@@ -1,0 +1,334 @@
+"""Limits, on real sockets: body and head sizes, slow clients, long-lived requests per key, callbacks per task."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+
+from receiver.fakes.provider import FakeProvider
+from tests.conftest import API_KEY, Running, start_receiver
+from tests.delivery.helpers import eventually, new_task
+
+pytestmark = pytest.mark.anyio
+
+
+class Raw:
+    """One raw TCP connection to a receiver: write bytes as a client would, read what comes back."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+
+    async def __aenter__(self) -> Raw:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.writer.close()
+
+    async def send(self, data: bytes) -> bool:
+        """Write `data`; False once the server has closed its end (the write is refused)."""
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    async def answer(self, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+        """The status, headers and body of the next response (read up to its content-length)."""
+        async with asyncio.timeout(timeout):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the connection within `timeout` (what is left unread is dropped)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+
+def head(method: str, path: str, *extra: str, host: str = "127.0.0.1") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"host: {host}", *extra, "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def error_code(body: bytes) -> str:
+    code: str = orjson.loads(body)["error"]["code"]
+    return code
+
+
+@pytest.fixture
+async def limited(tmp_path: Path, fake_provider: tuple[FakeProvider, str], request: pytest.FixtureRequest) -> Any:
+    overrides = getattr(request, "param", {})
+    async with start_receiver(tmp_path, provider_url=fake_provider[1], **overrides) as running:
+        yield running
+
+
+# --- body size ------------------------------------------------------------------------------------
+
+
+async def test_a_declared_huge_body_is_refused_before_it_is_read(running: Running) -> None:
+    task, callback_url = await new_task(running)
+    path = urlsplit(callback_url).path
+    for target, auth in ((path, ()), ("/v1/tasks", (f"authorization: Bearer {API_KEY}",))):
+        async with Raw(running.url) as raw:
+            # 100 MiB announced, 1 KiB sent: the answer comes without the rest.
+            await raw.send(head("POST", target, "content-type: application/json", "content-length: 104857600", *auth))
+            await raw.send(b"{" + b" " * 1023)
+            status, _, body = await raw.answer()
+            assert status == 413, body
+            assert error_code(body) == "payload_too_large"
+            # What still comes is dropped for a moment (a lingering close), then the connection closes.
+            sent_until_closed = 0
+            started = time.monotonic()
+            while time.monotonic() - started < 6 and await raw.send(b" " * 65536):
+                sent_until_closed += 65536
+                await asyncio.sleep(0.01)
+            assert await raw.closed(timeout=1)
+            assert time.monotonic() - started < 4
+            assert sent_until_closed < 100 * 1024 * 1024
+    assert (await running.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"] == []
+
+
+@pytest.mark.parametrize("limited", [{"max_body_bytes": 65536}], indirect=True)
+async def test_a_chunked_body_is_cut_off_as_it_passes_the_limit(limited: Running) -> None:
+    task, callback_url = await new_task(limited)
+    async with Raw(limited.url) as raw:
+        await raw.send(
+            head("POST", urlsplit(callback_url).path, "content-type: application/json", "transfer-encoding: chunked")
+        )
+        chunk = b"x" * 8192
+        for _ in range(9):  # 72 KiB, more than the limit, and never the final chunk
+            await raw.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        status, _, body = await raw.answer()
+        assert status == 413 and error_code(body) == "payload_too_large"
+        assert await raw.closed()
+    # Within the limit, chunked is fine.
+    async with Raw(limited.url) as raw:
+        payload = orjson.dumps(
+            {"success": True, "task_id": "up-1", "data": {"data": [{"url": "https://cdn.example/a.png"}]}}
+        )
+        await raw.send(
+            head("POST", urlsplit(callback_url).path, "content-type: application/json", "transfer-encoding: chunked")
+        )
+        await raw.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+        status, _, body = await raw.answer()
+        assert status == 200, body
+    assert len((await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]) == 1
+
+
+# --- head size ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limited", [{"max_header_bytes": 8192}], indirect=True)
+async def test_a_head_larger_than_the_limit_is_refused_with_431(limited: Running) -> None:
+    big = "x-padding: " + "a" * 9000
+    # In one piece (h11 would take a complete head of any size) and trickled in pieces.
+    for pieces in (1, 10):
+        data = head("GET", "/healthz", big)
+        async with Raw(limited.url) as raw:
+            step = len(data) // pieces + 1
+            for start in range(0, len(data), step):
+                if not await raw.send(data[start : start + step]):
+                    break
+                await asyncio.sleep(0.005)
+            status, headers, body = await raw.answer()
+            assert status == 431, (pieces, body)
+            assert error_code(body) == "request_header_fields_too_large"
+            assert headers["connection"] == "close"
+            assert await raw.closed()
+    # A head just under the limit is served.
+    async with Raw(limited.url) as raw:
+        await raw.send(head("GET", "/healthz", "x-padding: " + "a" * 7000))
+        status, _, _ = await raw.answer()
+        assert status == 200
+
+
+# --- slow clients ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limited", [{"header_timeout": 0.5, "keep_alive_timeout": 0.3}], indirect=True)
+async def test_a_client_that_trickles_its_head_or_sends_nothing_is_cut_off(limited: Running) -> None:
+    async with Raw(limited.url) as raw:
+        started = time.monotonic()
+        data = head("GET", "/healthz", "x-slow: " + "s" * 100)
+        status = None
+        for byte in data[:-2]:  # a byte every 20 ms: the head would take ~3 s
+            if not await raw.send(bytes([byte])):
+                break
+            await asyncio.sleep(0.02)
+            if raw.reader.at_eof() or raw.reader._buffer:
+                break
+        status, _, body = await raw.answer()
+        assert status == 408 and error_code(body) == "request_timeout"
+        assert await raw.closed()
+        assert time.monotonic() - started < 1.5
+    async with Raw(limited.url) as raw:  # connects and says nothing: closed without an answer
+        started = time.monotonic()
+        assert await raw.closed(timeout=3)
+        assert 0.4 < time.monotonic() - started < 1.5
+    async with Raw(limited.url) as raw:  # an idle keep-alive connection: closed after its timeout
+        await raw.send(head("GET", "/healthz"))
+        assert (await raw.answer())[0] == 200
+        started = time.monotonic()
+        assert await raw.closed(timeout=3)
+        assert time.monotonic() - started < 0.45  # the keep-alive timeout, not the head's
+    async with Raw(limited.url) as raw:  # a prompt client keeps its connection across requests
+        for _ in range(3):
+            await raw.send(head("GET", "/healthz"))
+            assert (await raw.answer())[0] == 200
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("limited", [{"body_timeout": 0.5}], indirect=True)
+async def test_a_client_that_trickles_its_body_is_cut_off(limited: Running) -> None:
+    task, callback_url = await new_task(limited)
+    async with Raw(limited.url) as raw:
+        started = time.monotonic()
+        await raw.send(
+            head("POST", urlsplit(callback_url).path, "content-type: application/json", "content-length: 200")
+        )
+        for _ in range(40):  # a byte every 50 ms: 200 bytes would take 10 s
+            if not await raw.send(b" ") or raw.reader._buffer:
+                break
+            await asyncio.sleep(0.05)
+        status, headers, body = await raw.answer()
+        assert status == 408 and error_code(body) == "request_timeout"
+        assert headers.get("connection") == "close"
+        assert time.monotonic() - started < 1.5
+        assert await raw.closed()
+    assert (await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"] == []
+
+
+# --- long-lived requests per key ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limited", [{"max_streams_per_key": 2}], indirect=True)
+async def test_long_polls_and_streams_are_capped_per_key(limited: Running) -> None:
+    quotas = limited.app.state.quotas.streams
+    first, _ = await new_task(limited)
+    second, _ = await new_task(limited)
+    poll = asyncio.create_task(limited.api.get(f"/v1/tasks/{first['id']}", params={"wait": 30}))
+    async with limited.api.stream("GET", f"/v1/tasks/{second['id']}/events") as events:
+        assert events.status_code == 200
+        await eventually(lambda: _async_true(sum(quotas._held.values()) >= 2))
+        for refused in (
+            await limited.api.get(f"/v1/tasks/{second['id']}", params={"wait": 5}),
+            await limited.api.get(f"/v1/tasks/{first['id']}/events"),
+            await limited.api.get("/v1/stream"),
+        ):
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "too_many_streams"
+            assert refused.json()["error"]["details"] == {"limit": 2}
+            assert refused.headers["retry-after"] == "5"
+        # A read without `wait` is not a long-lived request: never refused.
+        assert (await limited.api.get(f"/v1/tasks/{first['id']}")).status_code == 200
+    # The stream's slot is given back when it ends; the long-poll still holds one.
+    await eventually(lambda: _async_true(sum(quotas._held.values()) == 1))
+    again = asyncio.create_task(limited.api.get(f"/v1/tasks/{second['id']}", params={"wait": 0.2}))
+    assert (await again).status_code == 200
+    poll.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await poll
+    await eventually(lambda: _async_true(not quotas._held))
+
+
+async def _async_true(value: bool) -> bool:
+    return value
+
+
+# --- callbacks per task ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"], indirect=True)
+async def test_a_task_takes_at_most_so_many_callbacks(tmp_path: Path, fake_provider: Any, database_url: str) -> None:
+    async with start_receiver(
+        tmp_path, provider_url=fake_provider[1], database_url=database_url, max_callbacks_per_task=3
+    ) as running:
+        task, callback_url = await new_task(running)
+        other, other_url = await new_task(running)
+        bodies = [
+            {"success": True, "task_id": "up-1", "data": {"data": [{"url": f"https://cdn.example/{n}.png"}]}}
+            for n in range(3)
+        ]
+        for body in bodies:  # a success, then two conflicting ones: all logged
+            assert (await running.post_callback(callback_url, body)).status_code == 200
+        for body in ({**bodies[0], "trace_id": "new"}, bodies[0]):  # a fourth, and a repeat: not stored
+            refused = await running.post_callback(callback_url, body)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "too_many_callbacks"
+            assert refused.json()["error"]["details"] == {"task_id": task["id"], "limit": 3}
+            assert int(refused.headers["retry-after"]) > 0
+        logged = (await running.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+        assert len(logged) == 3
+        got = (await running.api.get(f"/v1/tasks/{task['id']}")).json()
+        assert got["state"] == "succeeded" and got["result"]["images"][0]["url"] == "https://cdn.example/0.png"
+        # Another task's callbacks are counted on their own.
+        other_answer = await running.post_callback(other_url, {**bodies[1], "task_id": "up-2"})
+        assert other_answer.status_code == 200, other_answer.text
+        metrics = (await running.api.get("/metrics")).text
+        assert 'receiver_callbacks_total{outcome="too_many_callbacks"} 2.0' in metrics
+    assert other["id"] != task["id"]
+
+
+async def test_limits_are_read_from_the_environment() -> None:
+    from receiver.config import Settings
+
+    settings = Settings.from_env(
+        {
+            "RECEIVER_SHUTDOWN_TIMEOUT": "3",
+            "RECEIVER_KEEP_ALIVE_TIMEOUT": "2",
+            "RECEIVER_HEADER_TIMEOUT": "4",
+            "RECEIVER_BODY_TIMEOUT": "20",
+            "RECEIVER_MAX_HEADER_BYTES": "4096",
+            "RECEIVER_MAX_STREAMS_PER_KEY": "7",
+            "RECEIVER_MAX_CALLBACKS_PER_TASK": "9",
+        }
+    )
+    assert (
+        settings.shutdown_timeout,
+        settings.keep_alive_timeout,
+        settings.header_timeout,
+        settings.body_timeout,
+        settings.max_header_bytes,
+        settings.max_streams_per_key,
+        settings.max_callbacks_per_task,
+    ) == (3.0, 2.0, 4.0, 20.0, 4096, 7, 9)
+    from receiver.protocol import server_options
+
+    options = server_options(settings)
+    assert options["timeout_graceful_shutdown"] == 3.0 and options["timeout_keep_alive"] == 2.0
+    assert options["h11_max_incomplete_event_size"] == 4096
+
+
+async def test_openapi_names_the_limits(running: Running) -> None:
+    spec = (await running.api.get("/openapi.json")).json()
+    callback = spec["paths"]["/callbacks/{token}"]["post"]["responses"]
+    assert {"408", "413", "429", "431"} <= set(callback)
+    task = spec["paths"]["/v1/tasks/{task_id}"]["get"]["responses"]
+    assert "429" in task
+    assert "429" in spec["paths"]["/v1/tasks/{task_id}/events"]["get"]["responses"]
+    assert "429" in spec["paths"]["/v1/stream"]["get"]["responses"]
