@@ -118,6 +118,15 @@ class Process:
         """SIGKILL: the process ends between two instructions, whatever it was doing."""
         assert await self.stop(signal.SIGKILL) == -signal.SIGKILL
 
+    async def __aenter__(self) -> Process:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """A test that failed halfway leaves no process behind."""
+        if self.running():
+            await self.kill()
+
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
@@ -195,6 +204,7 @@ class Ledger:
     unavailable: set[str] = field(default_factory=set)  # 503 store_unavailable: the provider retries
     unanswered: set[str] = field(default_factory=set)  # the connection died: the provider retries
     refused: list[str] = field(default_factory=list)  # anything else: always a failure
+    answered_503: int = 0  # how many answers were 503 store_unavailable, retried or not
 
     async def post(self, client: httpx.AsyncClient, task_id: str, callback_url: str) -> None:
         try:
@@ -208,6 +218,7 @@ class Ledger:
             self.unanswered.discard(task_id)
         elif answer.status_code == 503 and answer.json()["error"]["code"] == "store_unavailable":
             self.unavailable.add(task_id)
+            self.answered_503 += 1
         else:
             self.refused.append(f"{task_id}: {answer.status_code} {answer.text[:200]}")
 
@@ -235,6 +246,15 @@ async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) 
         if time.monotonic() > deadline:
             raise AssertionError(f"after {timeout:g}s still not: {what}")
         await asyncio.sleep(0.1)
+
+
+async def at_once(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Return the moment `condition` holds (checked every millisecond: for picking a kill point)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout:g}s still not: {what}")
+        await asyncio.sleep(0.001)
 
 
 async def all_deliveries(client: httpx.AsyncClient) -> list[dict[str, Any]]:
