@@ -149,12 +149,33 @@ class Process:
         return found
 
 
+class SlowPolls:
+    """ASGI middleware in front of the fake provider: every xenodia poll (GET /v1/tasks/…) is
+    held `pause` seconds, so polls are in flight (their jobs leased) when a test kills the receiver."""
+
+    def __init__(self, app: Any, pause: float) -> None:
+        self.app, self.pause, self.in_flight = app, pause, 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith("/v1/tasks/"):
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(self.pause)
+                await self.app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+        else:
+            await self.app(scope, receive, send)
+
+
 @asynccontextmanager
-async def fake(delay: float = 0.05) -> AsyncIterator[tuple[FakeProvider, str]]:
+async def fake(delay: float = 0.05, poll_pause: float = 0.0) -> AsyncIterator[tuple[FakeProvider, str]]:
     from receiver.server import serve_in_background
 
     provider = FakeProvider(delay=delay)
-    async with serve_in_background(provider.app) as url:
+    app = SlowPolls(provider.app, poll_pause) if poll_pause else provider.app
+    async with serve_in_background(app) as url:
+        provider.front = app  # type: ignore[attr-defined]
         yield provider, url
 
 
