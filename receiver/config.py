@@ -83,6 +83,7 @@ class Settings:
     asset_dir: Path = Path("data/assets")
     mirror_max_bytes: int = 50 * 1024 * 1024  # largest image kept
     mirror_timeout: float = 60.0  # seconds to download one image
+    job_lease: float = 30.0  # seconds a background job stays claimed without renewal
     metrics_token: Secret | None = None
     forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "info"
@@ -137,6 +138,7 @@ class Settings:
             asset_dir=Path(env("RECEIVER_ASSET_DIR", str, str(data_dir / "assets"))),
             mirror_max_bytes=env("RECEIVER_MIRROR_MAX_BYTES", _positive_int, cls.mirror_max_bytes),
             mirror_timeout=env("RECEIVER_MIRROR_TIMEOUT", _positive_float, cls.mirror_timeout),
+            job_lease=env("RECEIVER_JOB_LEASE", _positive_float, cls.job_lease),
             metrics_token=env("RECEIVER_METRICS_TOKEN", Secret, None),
             forwarded_allow_ips=env("RECEIVER_FORWARDED_ALLOW_IPS", str, cls.forwarded_allow_ips),
             log_level=env("RECEIVER_LOG_LEVEL", _log_level, cls.log_level),

@@ -10,17 +10,28 @@ take minutes and must not hold the others up); then it is deleted or put back
 for later with a new payload, as its handler decides. The schedule lives in
 the row, so a restarted receiver carries on where the last one stopped, and a
 job whose runner died is claimed again once its lease runs out.
+
+Leases are short (RECEIVER_JOB_LEASE, default 30 s) and renewed every third of
+that while the job runs, so a crashed instance's jobs are retaken soon, however
+long a handler may legitimately take. Two live instances never run one job at
+once: a runner that cannot renew (the database is away) cancels the job while a
+third of its lease is left, before anyone else may claim it. A handler that
+hands its lease back itself (a synchronous call marks its job `calling` and
+moves it past the call's timeout) says so with `hand_back()`, and is then left
+alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from receiver.context import Context
 from receiver.logs import get_logger
@@ -48,6 +59,16 @@ def again(run_at: float, payload: JSON) -> Outcome:
 
 Handler = Callable[[Context, Job], Awaitable[Outcome]]
 
+_hand_back: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("job_hand_back", default=None)
+
+
+def hand_back() -> None:
+    """Called by a running handler that released its job's lease itself: stop renewing it."""
+    release = _hand_back.get()
+    if release is not None:
+        release()
+
+
 #: How long after a handler crashed its job is tried again.
 _AFTER_CRASH = 30.0
 
@@ -57,10 +78,12 @@ class JobRunner:
         self.ctx = ctx
         self.handlers = dict(handlers)
         self.concurrency = concurrency
-        # A lease outlives one upstream request: a job claimed by a runner that died is free again after it.
-        self.lease_seconds = max(ctx.settings.provider_timeout, ctx.settings.mirror_timeout) + 30.0
+        # Renewed while the job runs: a job claimed by a runner that died is free again after one lease.
+        self.lease_seconds = ctx.settings.job_lease
         self.owner = f"jobs-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._running: set[asyncio.Task[None]] = set()
+        self._held: dict[str, tuple[float, asyncio.Task[None]]] = {}  # job id -> (lease until, its task)
+        self._renewer: asyncio.Task[None] | None = None
 
     async def step(self) -> float | None:
         """Claim and start what is due; returns the seconds until the next job is due (None: idle)."""
@@ -72,7 +95,7 @@ class JobRunner:
             for job in await store.claim_jobs(
                 kinds, now=now, limit=free, owner=self.owner, lease_seconds=self.lease_seconds
             ):
-                self._start(job)
+                self._start(job, now + self.lease_seconds)
             due = await store.next_job_due(kinds)
         if due is None or due <= now:
             # Nothing, or only jobs already running here or leased elsewhere: a finishing job
@@ -80,15 +103,50 @@ class JobRunner:
             return None
         return due - now
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, until: float) -> None:
         task = asyncio.create_task(self._run(job), name=f"receiver-job-{job.kind}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        self._held[job.id] = (until, task)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew(), name="receiver-job-leases")
+
+    async def _renew(self) -> None:
+        """Extend the leases of the jobs running here every third of a lease, while there are any."""
+        interval = self.lease_seconds / 3
+        while self._held:
+            await asyncio.sleep(interval)
+            ids = list(self._held)
+            until = self.ctx.clock() + self.lease_seconds
+            try:
+                kept: set[str] | None = set(await self.ctx.store.renew_jobs(ids, owner=self.owner, until=until))
+            except Exception as exc:  # the database is away: the leases run down
+                log.warning("jobs.lease_not_renewed", count=len(ids), error=repr(exc)[:300])
+                kept = None
+            now = self.ctx.clock()
+            for job_id in ids:
+                held = self._held.get(job_id)  # None: finished or handed back meanwhile
+                if held is None:
+                    continue
+                if kept is not None and job_id in kept:
+                    self._held[job_id] = (until, held[1])
+                elif kept is not None or now >= held[0] - interval:
+                    # Lost (another runner holds it), or about to be claimable by another: stop now.
+                    log.warning("jobs.lease_lost", job_id=job_id)
+                    del self._held[job_id]
+                    held[1].cancel()
+
+    def _release(self, job_id: str) -> None:
+        self._held.pop(job_id, None)
 
     async def _run(self, job: Job) -> None:
+        _hand_back.set(partial(self._release, job.id))
         try:
-            outcome = await self.handlers[job.kind](self.ctx, job)
-        except asyncio.CancelledError:
+            try:
+                outcome = await self.handlers[job.kind](self.ctx, job)
+            finally:
+                self._release(job.id)
+        except asyncio.CancelledError:  # shutdown, or a lost lease: the job stays as stored
             raise
         except Exception as exc:  # keep the job: it is tried again later
             log.error(
@@ -104,8 +162,9 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Cancel the running jobs and hand their leases back (graceful shutdown)."""
-        for task in list(self._running):
+        for task in [*self._running, *([self._renewer] if self._renewer else [])]:
             task.cancel()
-        await asyncio.gather(*self._running, return_exceptions=True)
+        await asyncio.gather(*self._running, *([self._renewer] if self._renewer else []), return_exceptions=True)
+        self._held.clear()
         with contextlib.suppress(Exception):  # the store may already be failing; leases expire anyway
             await self.ctx.store.release_leases(self.owner)

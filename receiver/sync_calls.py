@@ -23,7 +23,7 @@ from functools import partial
 from receiver.context import Context
 from receiver.errors import InvalidPayload, ProviderError
 from receiver.ingest import SOURCE_HEADER, logged_body, record
-from receiver.jobs import DONE, Outcome
+from receiver.jobs import DONE, Outcome, hand_back
 from receiver.logs import get_logger
 from receiver.store.base import Job
 from receiver.tasks import JobSpec, Task, record_refusal
@@ -64,6 +64,7 @@ async def call_once(ctx: Context, job: Job) -> Outcome:
         return DONE  # past the deadline: expiry takes over
     # Durable before the request leaves: from here on, this call is never made again.
     mark = {"phase": "calling", "started_at": now, "timeout": timeout}
+    hand_back()  # the mark releases the lease: the job's run_at, past the call, now keeps others off it
     await ctx.store.finish_job(job.id, reschedule_at=now + timeout + GRACE, payload=mark)
     log.info("sync_call.sent", task_id=task.id, provider=task.provider, timeout=round(timeout, 3))
     try:

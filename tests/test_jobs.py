@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from receiver.context import Context
+from receiver.errors import StoreError
 from receiver.ids import new_id
 from receiver.jobs import DONE, JobRunner, Outcome, again
 from receiver.store.base import Job
@@ -131,3 +132,44 @@ async def test_stopping_cancels_running_jobs_and_frees_their_leases(tmp_path: Pa
         assert await probe() == 0  # leased by the runner
         await runner.stop()
         assert await probe() == 1  # handed back: claimable at once
+
+
+async def test_a_running_job_keeps_its_lease_and_one_that_cannot_renew_stops_before_it_lapses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with start_receiver(tmp_path, job_lease=0.6) as running:
+        ctx = running.ctx
+        started, stopped = asyncio.Event(), asyncio.Event()
+
+        async def long(ctx: Context, job: Job) -> Outcome:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                stopped.set()
+            return DONE
+
+        await new_task(ctx, JobSpec("t-long", time.time() - 1, {}))
+        runner = JobRunner(ctx, {"t-long": long})
+        await runner.step()
+        await asyncio.wait_for(started.wait(), 5)
+
+        async def probe() -> int:
+            claimed = await ctx.store.claim_jobs(["t-long"], now=time.time(), limit=5, owner="probe", lease_seconds=60)
+            await ctx.store.release_leases("probe")
+            return len(claimed)
+
+        await asyncio.sleep(1.5)  # well past the first lease: renewed, so nobody else may take the job
+        assert await probe() == 0 and not stopped.is_set()
+
+        async def unreachable(*args: object, **kwargs: object) -> list[str]:
+            raise StoreError("the database is away")
+
+        monkeypatch.setattr(ctx.store, "renew_jobs", unreachable)
+        renewed_until = time.time() + 0.6  # at the latest
+        await asyncio.wait_for(stopped.wait(), 2)
+        assert time.time() < renewed_until  # stopped before the lease could lapse
+        monkeypatch.undo()
+        await asyncio.sleep(max(0.0, renewed_until - time.time()) + 0.1)
+        assert await probe() == 1  # left as stored, for the next holder
+        await runner.stop()

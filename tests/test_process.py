@@ -4,92 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from receiver import selftest
-from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port
 from receiver.signing import CallbackSigner
 from tests.conftest import API_KEY, NOTIFY_SECRET, needs_postgres, postgres_database, start_receiver
 from tests.delivery.helpers import FAST, deliveries, eventually, new_task, sink, subscribe
+from tests.processes import Process, api_key, cli, fake, receiver_env
 
 pytestmark = pytest.mark.anyio
 
 BODY = {"provider": "xhuoapi", "model": "nano-banana", "prompt": "[silent] a pear"}
-
-
-def receiver_env(tmp_path: Path, port: int, provider_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
-    env.update(
-        {
-            "RECEIVER_DATABASE_URL": f"sqlite:///{tmp_path}/data/receiver.db",
-            "RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{port}",
-            "RECEIVER_XHUOAPI_URL": provider_url,
-            "RECEIVER_XHUOAPI_API_KEY": "provider-key",
-            "RECEIVER_URL": f"http://127.0.0.1:{port}",
-            **extra,
-        }
-    )
-    return env
-
-
-class Process:
-    def __init__(self, env: dict[str, str], port: int, log: Path, *args: str) -> None:
-        self.env, self.port, self.log, self.args = env, port, log, args
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as handle:  # the child keeps its own descriptor
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "receiver", "serve", "--port", str(self.port), *self.args],
-                env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=self.log.parent,
-            )
-        deadline = time.monotonic() + 20
-        async with httpx.AsyncClient() as client:
-            while time.monotonic() < deadline:
-                assert self.popen.poll() is None, self.log.read_text()
-                try:
-                    if (await client.get(f"http://127.0.0.1:{self.port}/readyz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError("the receiver did not start:\n" + self.log.read_text())
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.popen is not None
-        self.popen.send_signal(sig)
-        return await asyncio.to_thread(self.popen.wait, 20)
-
-
-@asynccontextmanager
-async def fake() -> AsyncIterator[tuple[FakeProvider, str]]:
-    from receiver.server import serve_in_background
-
-    provider = FakeProvider(delay=0.05)
-    async with serve_in_background(provider.app) as url:
-        yield provider, url
-
-
-def api_key(tmp_path: Path) -> str:
-    return json.loads((tmp_path / "data" / "secrets.json").read_text())["api_key"]
-
-
-async def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "receiver", *args], env=env, capture_output=True, text=True,
-        timeout=60,
-    )
 
 
 async def test_nothing_is_lost_across_restarts(tmp_path: Path) -> None:

@@ -413,6 +413,9 @@ class Store(Protocol):
     async def finish_job(self, job_id: str, *, reschedule_at: float | None = None, payload: JSON | None = None) -> None:
         """Delete a finished job, or put it back for `reschedule_at` (attempts + 1)."""
 
+    async def renew_jobs(self, job_ids: Sequence[str], *, owner: str, until: float) -> list[str]:
+        """Extend `owner`'s leases on these jobs to `until`; returns the ids it still held."""
+
     async def next_job_due(self, kinds: Sequence[str]) -> float | None: ...
 
     # Counts (metrics, readiness) ---------------------------------------------

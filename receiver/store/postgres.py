@@ -823,6 +823,18 @@ class PostgresStore:
                 job_id,
             )
 
+    async def renew_jobs(self, job_ids: Sequence[str], *, owner: str, until: float) -> list[str]:
+        if not job_ids:
+            return []
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "UPDATE jobs SET lease_until = $1 WHERE lease_owner = $2 AND id = ANY($3::text[]) RETURNING id",
+                until,
+                owner,
+                list(job_ids),
+            )
+        return [str(row["id"]) for row in rows]
+
     async def next_job_due(self, kinds: Sequence[str]) -> float | None:
         rows = await self._fetch("SELECT min(run_at) AS due FROM jobs WHERE kind = ANY($1::text[])", list(kinds))
         due = rows[0]["due"] if rows else None

@@ -391,6 +391,12 @@ class SQLiteStore:
     async def finish_job(self, job_id: str, *, reschedule_at: float | None = None, payload: JSON | None = None) -> None:
         await self._write(partial(_finish_job, job_id=job_id, reschedule_at=reschedule_at, payload=payload))
 
+    async def renew_jobs(self, job_ids: Sequence[str], *, owner: str, until: float) -> list[str]:
+        if not job_ids:
+            return []
+        held: list[str] = await self._write(partial(_renew_jobs, job_ids=tuple(job_ids), owner=owner, until=until))
+        return held
+
     async def next_job_due(self, kinds: Sequence[str]) -> float | None:
         marks = ",".join("?" * len(kinds))
         rows = await self._read(f"SELECT min(run_at) AS due FROM jobs WHERE kind IN ({marks})", tuple(kinds))
@@ -833,6 +839,15 @@ def _claim_jobs(
         (owner, lease_until, *kinds, now, now, limit),
     ).fetchall()
     return sorted((job_from_row(row) for row in rows), key=lambda job: job.run_at)
+
+
+def _renew_jobs(conn: sqlite3.Connection, *, job_ids: tuple[str, ...], owner: str, until: float) -> list[str]:
+    marks = ",".join("?" * len(job_ids))
+    rows = conn.execute(
+        f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND id IN ({marks}) RETURNING id",
+        (until, owner, *job_ids),
+    ).fetchall()
+    return [str(row["id"]) for row in rows]
 
 
 def _finish_job(conn: sqlite3.Connection, *, job_id: str, reschedule_at: float | None, payload: JSON | None) -> None:
