@@ -28,7 +28,7 @@ from starlette.routing import Route
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port, serve_in_background
 from tests.test_limits import Raw, head
-from tests.test_process import Process, receiver_env
+from tests.processes import Process, receiver_env
 
 pytestmark = pytest.mark.anyio
 
