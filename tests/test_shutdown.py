@@ -27,8 +27,8 @@ from starlette.routing import Route
 
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port, serve_in_background
-from tests.test_limits import Raw, head
 from tests.processes import Process, receiver_env
+from tests.test_limits import Raw, head
 
 pytestmark = pytest.mark.anyio
 
