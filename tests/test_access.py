@@ -265,3 +265,12 @@ def test_the_secret_audit_can_fail() -> None:
 def test_digest_helper_sanity() -> None:
     # The constant-time comparisons above rely on SHA-256 digests being 32 bytes whatever the input.
     assert {len(hashlib.sha256(x).digest()) for x in (b"", b"a" * 10_000)} == {32}
+
+
+@pytest.mark.parametrize("path", ["/callbacks/\r:g\x95[secret", "/callbacks/\tsecret", "/assets/\x0bsecret/x"])
+def test_tokens_are_redacted_whatever_they_start_with(path: str) -> None:
+    """Found by schemathesis: a callback path whose token began with a control character kept
+    the rest of the token in the access log line."""
+    from receiver.logs import redact_path
+
+    assert "secret" not in redact_path(path)
