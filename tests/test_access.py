@@ -267,7 +267,11 @@ def test_digest_helper_sanity() -> None:
     assert {len(hashlib.sha256(x).digest()) for x in (b"", b"a" * 10_000)} == {32}
 
 
-@pytest.mark.parametrize("path", ["/callbacks/\r:g\x95[secret", "/callbacks/\tsecret", "/assets/\x0bsecret/x"])
+@pytest.mark.parametrize(
+    "path",
+    ["/callbacks/\r:g\x95[secret", "/callbacks/\tsecret", "/assets/\x0bsecret/x", "/callbacks/\nsecret\"/callback",
+     '/callbacks/"secret\x0csecret', "/callbacks/'secret", "/callbacks/ secret"],
+)
 def test_tokens_are_redacted_whatever_they_start_with(path: str) -> None:
     """Found by schemathesis: a callback path whose token began with a control character kept
     the rest of the token in the access log line."""

@@ -154,7 +154,7 @@ def test_parsers_take_huge_numbers_and_odd_text(name: str) -> None:
 # --- the endpoint on a real socket --------------------------------------------------
 
 DIALECT_NAMES = ["auto", "kie", "kling", "apimart", "xhuoapi", "replicate", "fal"]
-HEADER_VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+HEADER_VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.strip)
 HOSTILE_HEADERS = st.dictionaries(
     st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature", "x-fal-webhook-request-id",
                      "x-fal-webhook-user-id", "x-fal-webhook-timestamp", "x-fal-webhook-signature",
@@ -239,8 +239,9 @@ async def test_callbacks_never_5xx_and_refusals_change_nothing(
 @given(token=st.text(max_size=120), body=BODIES)
 async def test_any_token_is_refused_in_the_error_shape(hostile: Running, token: str, body: bytes) -> None:
     answer = await post_hostile(hostile, f"{hostile.url}/callbacks/{quote(token, safe='')}", body, {})
-    assert answer.status_code in (403, 404, 405, 410), (answer.status_code, answer.text)
-    if answer.status_code != 405:
+    # 307: an empty token is Starlette's slash redirect to `/callbacks` (nothing is read or stored).
+    assert answer.status_code in (307, 403, 404, 405, 410), (answer.status_code, answer.text)
+    if answer.status_code not in (307, 405):
         assert_error_shape(answer)
 
 
