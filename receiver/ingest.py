@@ -27,6 +27,7 @@ from receiver.errors import InvalidPayload, NotFound
 from receiver.ids import new_id
 from receiver.logs import get_logger
 from receiver.mirror import marked
+from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.providers import dialect_for
 from receiver.providers.base import Answer
 from receiver.providers.signatures import SignatureCheck
@@ -55,6 +56,8 @@ def parse_payload(body: bytes) -> JSON:
         raise InvalidPayload("The callback body is not valid JSON.") from exc
     if not isinstance(payload, dict):
         raise InvalidPayload("The callback body must be a JSON object.")
+    if too_deep(payload):
+        raise InvalidPayload(f"The callback body nests more than {MAX_DEPTH} levels.", details={"limit": MAX_DEPTH})
     return payload
 
 

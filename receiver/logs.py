@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 
 _SECRET_FIELD = re.compile(r"(secret|token|key|password|authorization|signature)", re.IGNORECASE)
-_SIGNED_PATH = re.compile(r"/(callbacks|assets)/[^/?\s\"']+")  # the token is the credential
+# The token is the credential: its first character whatever it is, then everything up to the next
+# `/`, `?`, quote, space or line end (a path like `/callbacks/\r<rest>` must not keep its rest).
+_SIGNED_PATH = re.compile(r"/(callbacks|assets)/[^/?][^/?\"' \n]*")
 _SIGNED_QUERY = re.compile(r"([?&](?:sig|signature|token|fal_webhook)=)[^&\s\"']+", re.IGNORECASE)
 
 

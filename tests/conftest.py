@@ -1,13 +1,17 @@
 """Shared fixtures: settings, stores, and real servers on 127.0.0.1.
 
 Every test runs with a log recorder; a test fails if the receiver logged a
-crash (an unhandled exception answered 500) while it ran.
+crash (an unhandled exception answered 500) while it ran, or a line carrying a
+secret (`SecretAudit`: API keys, signing keys, provider keys, `whsec_` secrets,
+callback tokens). A second audit listens for the whole session, so lines
+logged outside any test (fixtures, teardown) are checked too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -26,6 +30,7 @@ from receiver.app import create_app
 from receiver.config import ProviderSettings, Settings
 from receiver.context import Context
 from receiver.fakes.provider import FakeProvider
+from receiver.logs import JsonFormatter
 from receiver.server import free_port, serve_in_background
 from receiver.store.sqlite import SQLiteStore
 from receiver.types import Clock
@@ -60,20 +65,75 @@ class LogRecorder(logging.Handler):
         ]
 
 
+#: Secrets the tests configure; none may ever appear in a formatted log line.
+KNOWN_SECRETS = (API_KEY, NOTIFY_SECRET, "test-signing-key", "provider-key")
+_LEAKS = re.compile(
+    "|".join(
+        [
+            *(re.escape(secret) for secret in KNOWN_SECRETS),
+            r"whsec_[A-Za-z0-9+/=_-]{4,}",  # any Standard Webhooks secret
+            r"/callbacks/(?!\[redacted\])[^/\s\"'?]+",  # a callback token (an itsdangerous string)
+            r"/assets/(?!\[redacted\])[^/\s\"'?]+",  # a signed asset token
+        ]
+    )
+)
+
+
+class SecretAudit(logging.Handler):
+    """Formats every `receiver` record as production would (JsonFormatter) and keeps the lines
+    that carry a secret. Formatting at emit time sees the record as it was logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.formatter_ = JsonFormatter()
+        self.lines = 0
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.formatter_.format(record)
+        except Exception as exc:  # a line that cannot be formatted is a defect too
+            self.leaks.append(f"unformattable record {record.getMessage()!r}: {exc!r}")
+            return
+        self.lines += 1
+        if _LEAKS.search(line):
+            self.leaks.append(line[:500])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_log_audit() -> Iterator[SecretAudit]:
+    """Every `receiver` log line of the whole session, searched for secrets at its end."""
+    audit = SecretAudit()
+    logger = logging.getLogger("receiver")
+    logger.addHandler(audit)
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield audit
+    finally:
+        logger.removeHandler(audit)
+        logger.setLevel(previous)
+    assert not audit.leaks, f"{len(audit.leaks)} log line(s) carried a secret: {audit.leaks[:5]}"
+
+
 @pytest.fixture(autouse=True)
 def logs() -> Iterator[LogRecorder]:
     recorder = LogRecorder()
+    audit = SecretAudit()
     logger = logging.getLogger("receiver")
     logger.addHandler(recorder)
+    logger.addHandler(audit)
     previous = logger.level
     logger.setLevel(logging.DEBUG)
     try:
         yield recorder
     finally:
         logger.removeHandler(recorder)
+        logger.removeHandler(audit)
         logger.setLevel(previous)
     crashes = recorder.events("request.crashed") + recorder.events("worker.failed")
     assert not crashes, f"the receiver crashed while the test ran: {crashes}"
+    assert not audit.leaks, f"log line(s) carried a secret: {audit.leaks[:5]}"
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

@@ -16,6 +16,7 @@ import orjson
 
 from receiver.config import ProviderSettings
 from receiver.errors import InvalidPayload, ProviderError
+from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.tasks import Report, Task
 from receiver.types import JSON
 
@@ -178,9 +179,9 @@ def json_object(response: httpx.Response, provider: str) -> JSON:
             status_code=response.status_code,
             body=response.text[:1024],
         ) from exc
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) or too_deep(body):
         raise ProviderError(
-            f"{provider} answered JSON that is not an object.",
+            f"{provider} answered JSON that is not an object (or nests more than {MAX_DEPTH} levels).",
             provider=provider,
             code="upstream_garbled",
             status_code=response.status_code,

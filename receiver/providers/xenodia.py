@@ -68,7 +68,9 @@ class XenodiaTaskDialect:
         raw = payload.get("state", payload.get("status"))
         state = _STATES.get(raw.lower()) if isinstance(raw, str) else None
         if state is None:
-            raise InvalidPayload(f"A xenodia task's state is one of: {', '.join(_STATES)}; got {raw!r}.")
+            # Only a string is shown (shortened): the repr of a deeply nested value would recurse too far.
+            got = repr(raw[:40]) if isinstance(raw, str) else f"a {type(raw).__name__}"
+            raise InvalidPayload(f"A xenodia task's state is one of: {', '.join(_STATES)}; got {got}.")
         upstream = optional_str(payload, "task_id") or optional_str(payload, "id")
         progress = payload.get("progress")
         share = float(progress) if isinstance(progress, (int, float)) and not isinstance(progress, bool) else None

@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from receiver.context import Context
 from receiver.errors import InvalidRequest, PayloadTooLarge
+from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.types import JSON
 
 
@@ -39,6 +40,8 @@ async def read_json_object(request: Request, limit: int = 1 << 20) -> JSON:
         raise InvalidRequest("The request body is not valid JSON.") from exc
     if not isinstance(value, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if too_deep(value):
+        raise InvalidRequest(f"The request body nests more than {MAX_DEPTH} levels.", details={"limit": MAX_DEPTH})
     return value
 
 

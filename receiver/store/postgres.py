@@ -101,7 +101,13 @@ from receiver.types import JSON, Clock, DeliveryStatus, EventType, TaskState
 log = get_logger("receiver.store")
 
 #: What a broken or unreachable database raises through asyncpg.
-DRIVER_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# InternalClientError: a connection cut in the middle of an operation ("cannot switch to state …").
+DRIVER_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+)
 _LINK_ERRORS: tuple[type[Exception], ...] = (*DRIVER_ERRORS, StoreError, TimeoutError)
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

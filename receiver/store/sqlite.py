@@ -124,6 +124,9 @@ class SQLiteStore:
         return applied
 
     async def check_ready(self) -> str | None:
+        # Reads alone would still answer from the open file while no write can be made.
+        if self._writer.broken is not None:
+            return f"database unavailable: the SQLite writer is not running ({self._writer.broken})"
         try:
             rows = await self._read("SELECT max(version) AS v FROM schema_migrations")
         except Exception as exc:

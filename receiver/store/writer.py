@@ -137,6 +137,12 @@ class WriterProcess:
         self._stopping = False
         self._revival: asyncio.Task[None] | None = None
 
+    @property
+    def broken(self) -> str | None:
+        """Why the writer cannot take operations now (it died, is being started again, or was
+        stopped), or None while it runs."""
+        return self._broken
+
     async def start(self) -> None:
         mine, theirs = socket.socketpair()
         try:
