@@ -32,7 +32,7 @@ import httpx
 from receiver.fakes.provider import FakeProvider
 from receiver.fakes.subscriber import FakeSubscriber
 from tests.conftest import API_KEY, NOTIFY_SECRET
-from tests.delivery.helpers import SECRET
+from tests.delivery.helpers import SECRET, eventually
 
 TERMINAL = {"succeeded", "failed", "expired", "cancelled"}
 
@@ -258,15 +258,8 @@ async def post_all(ledger: Ledger, tasks: Sequence[tuple[str, str]], *, concurre
 
 
 async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Poll `check` until it returns something truthy (a deadline, never a long sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout:g}s still not: {what}")
-        await asyncio.sleep(0.1)
+    """`eventually`, checked every 0.1 s: these checks ask a whole process or database."""
+    return await eventually(check, timeout, what, every=0.1)
 
 
 async def at_once(condition: Callable[[], bool], timeout: float, what: str) -> None:

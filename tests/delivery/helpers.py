@@ -71,13 +71,15 @@ async def deliveries(running: Running, **params: Any) -> list[Any]:
     return data
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 10.0) -> T:
-    """Poll `check` until it returns something truthy."""
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], timeout: float = 10.0, what: str | None = None, every: float = 0.02
+) -> T:
+    """Poll `check` every `every` seconds until it returns something truthy (a deadline, never a long sleep)."""
     deadline = time.monotonic() + timeout
     while True:
         value = await check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout}s: {check}")
-        await asyncio.sleep(0.02)
+            raise AssertionError(f"still not true after {timeout:g}s: {what or check}")
+        await asyncio.sleep(every)
