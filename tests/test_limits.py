@@ -146,7 +146,7 @@ async def test_a_chunked_body_is_cut_off_as_it_passes_the_limit(limited: Running
 @pytest.mark.parametrize("limited", [{"max_header_bytes": 8192}], indirect=True)
 async def test_a_head_larger_than_the_limit_is_refused_with_431(limited: Running) -> None:
     big = "x-padding: " + "a" * 9000
-    # In one piece (h11 would take a complete head of any size) and trickled in pieces.
+    # In one piece (httptools would take a complete head of any size) and trickled in pieces.
     for pieces in (1, 10):
         data = head("GET", "/healthz", big)
         async with Raw(limited.url) as raw:
@@ -321,7 +321,7 @@ async def test_limits_are_read_from_the_environment() -> None:
 
     options = server_options(settings)
     assert options["timeout_graceful_shutdown"] == 3.0 and options["timeout_keep_alive"] == 2.0
-    assert options["h11_max_incomplete_event_size"] == 4096
+    assert options["http"].keywords == {"header_timeout": 4.0, "max_header_bytes": 4096}
 
 
 async def test_openapi_names_the_limits(running: Running) -> None:
