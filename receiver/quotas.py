@@ -6,8 +6,8 @@
 - `streams`: long-polls (`GET /v1/tasks/{id}?wait=`) and SSE streams
   (`/v1/tasks/{id}/events`, `/v1/stream`) open at once per API key
   (`RECEIVER_MAX_STREAMS_PER_KEY`), 429 `too_many_streams` with Retry-After
-  beyond it (dashboard streams have their own, smaller cap as well:
-  receiver.routes.streams). Counted per process: with `--workers N` each
+  beyond it; dashboard streams (`/v1/stream`) also hold one of
+  `dashboard_streams`, a smaller cap (a few browser tabs). Counted per process: with `--workers N` each
   worker admits its own share.
 - Callbacks stored per task (`RECEIVER_MAX_CALLBACKS_PER_TASK`) are counted
   by the store in the transaction that would store one more (`TooManyCallbacks`),
@@ -38,8 +38,9 @@ class Slots:
         self.what = what
         self._held: dict[str, int] = {}
 
-    def held(self, key: str) -> int:
-        return self._held.get(key, 0)
+    def held(self, key: str | None = None) -> int:
+        """Slots held by `key`, or by every key."""
+        return self._held.get(key, 0) if key is not None else sum(self._held.values())
 
     def take(self, key: str) -> Callable[[], None]:
         """Hold one slot for `key`, or raise 429 `too_many_streams`; returns its (idempotent) release."""
@@ -65,11 +66,16 @@ class Slots:
         return release
 
 
+#: Dashboard streams (`GET /v1/stream`) open at once per API key: a few browser tabs.
+DASHBOARD_STREAMS_PER_KEY = 8
+
+
 class Quotas:
     """The per-process limits of one app (kept at `app.state.quotas`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.streams = Slots(settings.max_streams_per_key, "long-polls and event streams")
+        self.dashboard_streams = Slots(DASHBOARD_STREAMS_PER_KEY, "dashboard streams")
 
 
 def quotas(request: Request) -> Quotas:

@@ -20,9 +20,9 @@ once more (same `id`) with its asset URLs before the stream ends.
     event: delivery                data: {"task_id", "id"} — a delivery was attempted or queued again
 
 It starts with `event: ready` once it listens (read what you show after it, so
-nothing falls in between). At most STREAMS_PER_KEY at once per API key (429
-`too_many_streams`); every stream also holds one of the key's slots for
-long-lived requests (receiver.quotas, `RECEIVER_MAX_STREAMS_PER_KEY`).
+nothing falls in between). At most a few at once per API key (429
+`too_many_streams`, receiver.quotas.DASHBOARD_STREAMS_PER_KEY); every stream also
+holds one of the key's slots for long-lived requests (`RECEIVER_MAX_STREAMS_PER_KEY`).
 A comment line every `HEARTBEAT` seconds keeps proxies from closing a quiet
 stream; streams also end when the client goes away or the receiver shuts down.
 """
@@ -42,7 +42,7 @@ from starlette.types import Receive, Scope, Send
 from receiver.auth import KEY_ID_SCOPE
 from receiver.broadcast import Notice
 from receiver.context import Context
-from receiver.errors import NotFound, TooManyRequests
+from receiver.errors import NotFound
 from receiver.quotas import quotas
 from receiver.routes import context
 from receiver.tasks import Task
@@ -53,8 +53,6 @@ T = TypeVar("T")
 HEARTBEAT = 15.0
 #: How long a client waits before reconnecting after the stream broke (milliseconds, sent to it).
 RECONNECT_MS = 3000
-#: Dashboard streams (`GET /v1/stream`) open at once per API key: a few browser tabs.
-STREAMS_PER_KEY = 8
 _HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -114,24 +112,17 @@ async def activity(request: Request) -> Response:
     """`GET /v1/stream`: every task change, callback and delivery attempt (see the module docstring)."""
     ctx = context(request)
     key = request.scope.get(KEY_ID_SCOPE, "")
-    open_streams: dict[str, int] | None = getattr(request.app.state, "dashboard_streams", None)
-    if open_streams is None:
-        open_streams = request.app.state.dashboard_streams = {}
-    if open_streams.get(key, 0) >= STREAMS_PER_KEY:
-        raise TooManyRequests(
-            f"At most {STREAMS_PER_KEY} streams may be open at once with one API key; close one first.",
-            code="too_many_streams",
-            retry_after=5,
-            details={"limit": STREAMS_PER_KEY},
-        )
-    release_slot = quotas(request).streams.take(key)  # the cap on every long-lived request of the key
-    open_streams[key] = open_streams.get(key, 0) + 1
+    limits = quotas(request)
+    release_tab = limits.dashboard_streams.take(key)
+    try:
+        release_slot = limits.streams.take(key)  # the cap on every long-lived request of the key
+    except Exception:
+        release_tab()
+        raise
 
     def release() -> None:
         release_slot()
-        open_streams[key] -= 1
-        if not open_streams[key]:
-            del open_streams[key]
+        release_tab()
 
     draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
     return _Counted(activity_stream(ctx, draining), release)

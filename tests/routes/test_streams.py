@@ -184,11 +184,13 @@ async def test_the_dashboard_stream_shows_tasks_callbacks_and_delivery_attempts(
 
 
 async def _no_watcher(running: Running) -> bool:
-    return running.ctx.store.feed.watcher_count() == 0 and not running.app.state.dashboard_streams
+    limits = running.app.state.quotas
+    held = limits.dashboard_streams.held() + limits.streams.held()
+    return running.ctx.store.feed.watcher_count() == 0 and held == 0
 
 
 async def test_dashboard_streams_are_capped_per_key(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streams, "STREAMS_PER_KEY", 2)
+    monkeypatch.setattr(running.app.state.quotas.dashboard_streams, "limit", 2)
     async with Activity(running.api), Activity(running.api):
         answer = await running.api.get("/v1/stream")
         assert_error(answer, 429, "too_many_streams")
