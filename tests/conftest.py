@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,19 +100,28 @@ class SecretAudit(logging.Handler):
             self.leaks.append(line[:500])
 
 
+@contextmanager
+def _listening(*handlers: logging.Handler) -> Iterator[None]:
+    """`handlers` hear every `receiver` log record, DEBUG and up, while the block runs."""
+    logger = logging.getLogger("receiver")
+    previous = logger.level
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_log_audit() -> Iterator[SecretAudit]:
     """Every `receiver` log line of the whole session, searched for secrets at its end."""
     audit = SecretAudit()
-    logger = logging.getLogger("receiver")
-    logger.addHandler(audit)
-    previous = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
+    with _listening(audit):
         yield audit
-    finally:
-        logger.removeHandler(audit)
-        logger.setLevel(previous)
     assert not audit.leaks, f"{len(audit.leaks)} log line(s) carried a secret: {audit.leaks[:5]}"
 
 
@@ -120,17 +129,8 @@ def session_log_audit() -> Iterator[SecretAudit]:
 def logs() -> Iterator[LogRecorder]:
     recorder = LogRecorder()
     audit = SecretAudit()
-    logger = logging.getLogger("receiver")
-    logger.addHandler(recorder)
-    logger.addHandler(audit)
-    previous = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
+    with _listening(recorder, audit):
         yield recorder
-    finally:
-        logger.removeHandler(recorder)
-        logger.removeHandler(audit)
-        logger.setLevel(previous)
     crashes = recorder.events("request.crashed") + recorder.events("worker.failed")
     assert not crashes, f"the receiver crashed while the test ran: {crashes}"
     assert not audit.leaks, f"log line(s) carried a secret: {audit.leaks[:5]}"
@@ -197,13 +197,20 @@ def database(request: pytest.FixtureRequest) -> str:
     return getattr(request, "param", "sqlite")
 
 
-@pytest.fixture
-async def database_url(database: str, tmp_path: Path) -> AsyncIterator[str]:
-    if database == "postgres":
+@asynccontextmanager
+async def database_for(kind: str, sqlite_file: Path) -> AsyncIterator[str]:
+    """A database URL of `kind`: a fresh PostgreSQL schema (postgres_database), or `sqlite_file`."""
+    if kind == "postgres":
         async with postgres_database() as url:
             yield url
     else:
-        yield f"sqlite:///{tmp_path}/receiver.db"
+        yield f"sqlite:///{sqlite_file}"
+
+
+@pytest.fixture
+async def database_url(database: str, tmp_path: Path) -> AsyncIterator[str]:
+    async with database_for(database, tmp_path / "receiver.db") as url:
+        yield url
 
 
 @dataclass

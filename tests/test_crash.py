@@ -14,15 +14,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 
 import httpx
 import pytest
 
 from receiver.server import free_port
-from tests.conftest import needs_postgres, postgres_database
+from tests.conftest import database_for, needs_postgres
 from tests.delivery.helpers import sink
 from tests.processes import (
     Ledger,
@@ -43,13 +42,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 DATABASES = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=needs_postgres)]
 
 
-@asynccontextmanager
-async def database_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
-    if kind == "postgres":
-        async with postgres_database() as url:
-            yield url
-    else:
-        yield f"sqlite:///{tmp_path}/data/receiver.db"
+def database_url(kind: str, tmp_path: Path) -> AbstractAsyncContextManager[str]:
+    return database_for(kind, tmp_path / "data" / "receiver.db")
 
 
 async def retry_unacknowledged(ledger: Ledger, tasks: list[tuple[str, str]], timeout: float = 20.0) -> None:
