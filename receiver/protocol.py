@@ -21,7 +21,7 @@ a client likes. So:
   `body_timeout` seconds of its head (else `408 request_timeout`, closed).
 
 The protocol is uvicorn's httptools one (a C parser), not its pure-Python h11
-one: callback ingest is the hot path, and httptools serves it about 15 % faster
+one: callback ingest is the hot path, and with the same guards httptools serves it about 8 % faster
 (bench/README.md).
 """
 
