@@ -6,6 +6,8 @@ import re
 import tomllib
 from pathlib import Path
 
+from receiver.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -21,6 +23,8 @@ def test_fly_toml_serves_the_container_port_and_keeps_machines_running() -> None
     assert (mount["source"], mount["destination"]) == ("receiver_data", "/data")
     assert mount.get("initial_size"), "fly deploy creates the volume on the first deploy"
     assert fly["env"]["RECEIVER_DATABASE_URL"] == "sqlite:////data/receiver.db"
+    # A stop must outlast the receiver's own shutdown deadline (RECEIVER_SHUTDOWN_TIMEOUT, 10 s).
+    assert fly["kill_signal"] == "SIGTERM" and fly["kill_timeout"] > Settings().shutdown_timeout
 
 
 def test_dockerfile_runs_unprivileged_with_a_data_volume_and_a_healthcheck() -> None:
