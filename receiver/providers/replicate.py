@@ -59,9 +59,11 @@ class ReplicateDialect:
     def detect(self, payload: JSON) -> bool:
         # A prediction object: an id, one of Replicate's statuses, and keys only predictions
         # carry (apimart's `{"id", "status": "failed", "result"}` must not look like one).
+        status = payload.get("status")
         return (
             isinstance(payload.get("id"), str)
-            and payload.get("status") in _STATES
+            and isinstance(status, str)  # a list or object status is not one (and is unhashable)
+            and status in _STATES
             and any(key in payload for key in ("urls", "version", "output"))
             and "result" not in payload
         )
@@ -133,7 +135,8 @@ class ReplicateProvider:
         if upstream is None:
             raise self._garbled("Replicate accepted the request but named no prediction id.", response, answer)
         report = None
-        if answer.get("status") in _TERMINAL:  # it finished (or failed) within the request
+        status = answer.get("status")
+        if isinstance(status, str) and status in _TERMINAL:  # it finished (or failed) within the request
             try:
                 report = ReplicateDialect().parse(answer)
             except InvalidPayload as exc:
