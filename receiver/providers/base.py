@@ -152,6 +152,7 @@ def refusal(provider: str, response: httpx.Response) -> ProviderError:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
         body = response.text[:1024] or None
+    body = _storable(body, response)
     code = _REFUSAL_CODES.get(response.status_code, "upstream_error")
     message = f"{provider} answered HTTP {response.status_code}."
     error = body.get("error") if isinstance(body, dict) else None
@@ -185,9 +186,15 @@ def json_object(response: httpx.Response, provider: str) -> JSON:
             provider=provider,
             code="upstream_garbled",
             status_code=response.status_code,
-            body=body,
+            body=_storable(body, response),
         )
     return body
+
+
+def _storable(body: Any, response: httpx.Response) -> Any:
+    """`body` as a task error may keep it: one nested too deep for orjson to write back out
+    (nesting.py) would make the task unreadable, so its first 1024 characters are kept instead."""
+    return response.text[:1024] if too_deep(body) else body
 
 
 # --- helpers for dialect parsers ------------------------------------------------
