@@ -18,7 +18,7 @@ from receiver.config import ProviderSettings
 from receiver.errors import InvalidPayload, ProviderError
 from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.tasks import Report, Task
-from receiver.types import JSON
+from receiver.types import JSON, TaskState
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,41 @@ class Dialect(Protocol):
 
     def parse(self, payload: JSON) -> Report:
         """The report in `payload`; InvalidPayload if it is not this dialect."""
+
+
+class HttpProvider:
+    """What the providers that submit over HTTP share: their settings, the app's client, the
+    submission timeout, one upstream call with the usual headers, and how a garbled answer fails."""
+
+    name: str
+    dialect: str
+
+    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient, *, timeout: float) -> None:
+        self.settings = settings
+        self.client = client
+        self.timeout = timeout
+
+    def headers(self) -> dict[str, str]:
+        """The headers of every call (the API key as a bearer token unless the provider says otherwise)."""
+        return bearer_headers(self.settings)
+
+    async def call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """`call` under this provider's name, timeout and headers."""
+        return await call(
+            self.client, method, url, provider=self.name, timeout=self.timeout, headers=self.headers(), **kwargs
+        )
+
+    def answered_images(self, items: Any, upstream: str | None, response: httpx.Response, answer: JSON) -> Report:
+        """The result a submission answered at once (`data: [{"url"}, …]`); garbled if of another shape."""
+        try:
+            return Report(TaskState.SUCCEEDED, upstream, images=image_list(items), dialect=self.name)
+        except InvalidPayload as exc:
+            raise self.garbled(f"{self.name} answered images of an unknown shape.", response, answer) from exc
+
+    def garbled(self, message: str, response: httpx.Response, answer: JSON) -> ProviderError:
+        return ProviderError(
+            message, provider=self.name, code="upstream_garbled", status_code=response.status_code, body=answer
+        )
 
 
 def bearer_headers(settings: ProviderSettings) -> dict[str, str]:
