@@ -181,7 +181,8 @@ _REFUSAL_CODES = {
 
 
 def refusal(provider: str, response: httpx.Response) -> ProviderError:
-    """A ProviderError carrying the provider's own error code, message and body."""
+    """A ProviderError for an error status: our code for the status (`_REFUSAL_CODES`), the
+    provider's own message when it gives one, and its body (its own error code stays in there)."""
     body: Any
     try:
         body = orjson.loads(response.content)
@@ -194,8 +195,6 @@ def refusal(provider: str, response: httpx.Response) -> ProviderError:
     if isinstance(error, dict):
         if isinstance(error.get("message"), str):
             message = f"{provider}: {error['message']}"
-        if isinstance(error.get("code"), str) and error["code"]:
-            body = {**body, "error": error}
     elif isinstance(error, str):
         message = f"{provider}: {error}"
     elif isinstance(body, dict) and isinstance(body.get("detail"), str):
