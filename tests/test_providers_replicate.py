@@ -123,6 +123,16 @@ OTHER_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("status", [["succeeded"], {"a": 1}], ids=["list", "object"])
+def test_a_status_that_is_not_a_string_is_an_invalid_payload_not_a_crash(status: Any) -> None:
+    payload = prediction(status=status)
+    assert not ReplicateDialect().detect(payload)
+    with pytest.raises(InvalidPayload):
+        detect(payload)
+    with pytest.raises(InvalidPayload):
+        ReplicateDialect().parse(payload)
+
+
 @pytest.mark.parametrize("payload", OTHER_SHAPES)
 def test_detection_does_not_claim_other_dialects(payload: dict[str, Any]) -> None:
     assert not ReplicateDialect().detect(payload)
@@ -268,6 +278,13 @@ async def test_refusals_and_garbled_answers(response: httpx.Response, code: str)
     with pytest.raises(ProviderError) as caught:
         await _submit(_task("owner/model"), lambda request: response)
     assert caught.value.code == code and caught.value.provider == "replicate"
+
+
+@pytest.mark.anyio
+async def test_an_answer_whose_status_is_not_a_string_waits_for_the_webhook() -> None:
+    answer = httpx.Response(201, json={"id": "p1", "status": ["succeeded"]})
+    submission = await _submit(_task("owner/model"), lambda request: answer)
+    assert submission.upstream_task_id == "p1" and submission.report is None
 
 
 # --- the signature ------------------------------------------------------------------

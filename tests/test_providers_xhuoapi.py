@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import httpx
+import orjson
 import pytest
 from starlette.datastructures import Secret
 
@@ -133,6 +134,18 @@ async def test_garbled_answers_are_provider_errors(response: httpx.Response, cod
     with pytest.raises(ProviderError) as caught:
         await _submit(lambda request: response)
     assert caught.value.code == code
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [200, 400, 502])
+async def test_an_error_body_nested_too_deep_is_kept_as_text(status: int) -> None:
+    deep = b"[" * 300 + b"]" * 300
+    content = deep if status == 200 else b'{"error": ' + deep + b"}"
+    with pytest.raises(ProviderError) as caught:
+        await _submit(lambda request: httpx.Response(status, content=content))
+    error = caught.value.as_task_error()
+    assert orjson.dumps(error)  # the task that keeps it can still be written and read
+    assert error["body"] == content.decode()[:1024]
 
 
 @pytest.mark.anyio

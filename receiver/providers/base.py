@@ -18,7 +18,7 @@ from receiver.config import ProviderSettings
 from receiver.errors import InvalidPayload, ProviderError
 from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.tasks import Report, Task
-from receiver.types import JSON
+from receiver.types import JSON, TaskState
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +103,41 @@ class Dialect(Protocol):
         """The report in `payload`; InvalidPayload if it is not this dialect."""
 
 
+class HttpProvider:
+    """What the providers that submit over HTTP share: their settings, the app's client, the
+    submission timeout, one upstream call with the usual headers, and how a garbled answer fails."""
+
+    name: str
+    dialect: str
+
+    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient, *, timeout: float) -> None:
+        self.settings = settings
+        self.client = client
+        self.timeout = timeout
+
+    def headers(self) -> dict[str, str]:
+        """The headers of every call (the API key as a bearer token unless the provider says otherwise)."""
+        return bearer_headers(self.settings)
+
+    async def call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """`call` under this provider's name, timeout and headers."""
+        return await call(
+            self.client, method, url, provider=self.name, timeout=self.timeout, headers=self.headers(), **kwargs
+        )
+
+    def answered_images(self, items: Any, upstream: str | None, response: httpx.Response, answer: JSON) -> Report:
+        """The result a submission answered at once (`data: [{"url"}, …]`); garbled if of another shape."""
+        try:
+            return Report(TaskState.SUCCEEDED, upstream, images=image_list(items), dialect=self.name)
+        except InvalidPayload as exc:
+            raise self.garbled(f"{self.name} answered images of an unknown shape.", response, answer) from exc
+
+    def garbled(self, message: str, response: httpx.Response, answer: JSON) -> ProviderError:
+        return ProviderError(
+            message, provider=self.name, code="upstream_garbled", status_code=response.status_code, body=answer
+        )
+
+
 def bearer_headers(settings: ProviderSettings) -> dict[str, str]:
     headers = {"accept": "application/json"}
     if settings.api_key is not None:
@@ -146,20 +181,20 @@ _REFUSAL_CODES = {
 
 
 def refusal(provider: str, response: httpx.Response) -> ProviderError:
-    """A ProviderError carrying the provider's own error code, message and body."""
+    """A ProviderError for an error status: our code for the status (`_REFUSAL_CODES`), the
+    provider's own message when it gives one, and its body (its own error code stays in there)."""
     body: Any
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
         body = response.text[:1024] or None
+    body = _storable(body, response)
     code = _REFUSAL_CODES.get(response.status_code, "upstream_error")
     message = f"{provider} answered HTTP {response.status_code}."
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         if isinstance(error.get("message"), str):
             message = f"{provider}: {error['message']}"
-        if isinstance(error.get("code"), str) and error["code"]:
-            body = {**body, "error": error}
     elif isinstance(error, str):
         message = f"{provider}: {error}"
     elif isinstance(body, dict) and isinstance(body.get("detail"), str):
@@ -185,9 +220,15 @@ def json_object(response: httpx.Response, provider: str) -> JSON:
             provider=provider,
             code="upstream_garbled",
             status_code=response.status_code,
-            body=body,
+            body=_storable(body, response),
         )
     return body
+
+
+def _storable(body: Any, response: httpx.Response) -> Any:
+    """`body` as a task error may keep it: one nested too deep for orjson to write back out
+    (nesting.py) would make the task unreadable, so its first 1024 characters are kept instead."""
+    return response.text[:1024] if too_deep(body) else body
 
 
 # --- helpers for dialect parsers ------------------------------------------------

@@ -20,7 +20,7 @@ Rules are data, checked before any upstream call. The file's shape:
                   "only": ["size"],                         other parameters mean nothing: dropped, with a warning
                   "max_references": N, "rules": [rule, …]}
     param rule   {"type": "string|integer|number|boolean|array|object", "enum": [...], "pattern": "regex",
-                  "hint": "shown when the pattern fails", "minimum": n, "maximum": n,
+                  "hint": "shown when the pattern (matched whole) fails", "minimum": n, "maximum": n,
                   "items": {"type": …, "format": "url"} (each item's rule) | [values] (a non-empty
                   list of these), "format": "url",
                   "dimensions": {"allow": ["auto"], "multiple_of": 16, "max_side": 3840, "max_pixels": 8294400},
@@ -230,7 +230,7 @@ def check_param(value: Any, rule: Mapping[str, Any]) -> str | None:
         if "maximum" in rule and value > rule["maximum"]:
             return f"must be at most {rule['maximum']}"
     if isinstance(value, str):
-        if "pattern" in rule and not re.match(rule["pattern"], value):
+        if "pattern" in rule and not re.fullmatch(rule["pattern"], value):  # `$` alone lets "…\n" through
             return str(rule.get("hint") or f"{value!r} does not match {rule['pattern']}")
         if rule.get("format") == "url" and not _is_url(value):
             return "must be an http(s) URL"
@@ -274,7 +274,7 @@ def _check_dimensions(value: str, spec: Mapping[str, Any]) -> str | None:
     allowed = list(spec.get("allow", []))
     if value in allowed:
         return None
-    match = _DIMENSIONS.match(value)
+    match = _DIMENSIONS.fullmatch(value)
     if match is None:
         return f"must be {' or '.join([*allowed, 'WIDTHxHEIGHT'])}, e.g. 1024x1536"
     width, height = int(match.group(1)), int(match.group(2))

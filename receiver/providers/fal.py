@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
 
-import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from receiver.clock import system_clock
-from receiver.config import ProviderSettings
-from receiver.errors import InvalidPayload, InvalidProviderSignature, ProviderError
-from receiver.providers.base import Submission, Upload, call, image_list, json_object, optional_str
+from receiver.errors import InvalidPayload, InvalidProviderSignature
+from receiver.providers.base import HttpProvider, Submission, Upload, image_list, json_object, optional_str
 from receiver.providers.jwks import KeySet
 from receiver.providers.signatures import signed_timestamp
 from receiver.tasks import Report, Task
@@ -80,39 +78,27 @@ def _images(result: JSON) -> tuple[JSON, ...]:
     return ()
 
 
-class FalProvider:
+class FalProvider(HttpProvider):
     name = "fal"
     dialect = "fal"
 
-    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient, *, timeout: float) -> None:
-        self.settings = settings
-        self.client = client
-        self.timeout = timeout
-
-    async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
+    def headers(self) -> dict[str, str]:
         headers = {"accept": "application/json"}
         if self.settings.api_key is not None:
-            headers["authorization"] = f"Key {self.settings.api_key}"
-        response = await call(
-            self.client,
+            headers["authorization"] = f"Key {self.settings.api_key}"  # fal's scheme, not Bearer
+        return headers
+
+    async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
+        response = await self.call(
             "POST",
             f"{self.settings.url}/{task.model}",
-            provider=self.name,
-            timeout=self.timeout,
             params={"fal_webhook": callback_url},
             json=dict(task.request),  # {"prompt", …params}, validated by the catalog
-            headers=headers,
         )
         answer = json_object(response, self.name)
         request_id = answer.get("request_id")
         if not isinstance(request_id, str) or not request_id:
-            raise ProviderError(
-                "fal accepted the request but named no request_id.",
-                provider=self.name,
-                code="upstream_garbled",
-                status_code=response.status_code,
-                body=answer,
-            )
+            raise self.garbled("fal accepted the request but named no request_id.", response, answer)
         return Submission(request_id, raw=answer)
 
 

@@ -17,18 +17,15 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from standardwebhooks import Webhook
 from starlette.datastructures import Secret
 
 from receiver.clock import system_clock
-from receiver.config import ProviderSettings
-from receiver.errors import InvalidPayload, InvalidProviderSignature, ProviderError
+from receiver.errors import InvalidPayload, InvalidProviderSignature
 from receiver.providers.base import (
+    HttpProvider,
     Submission,
     Upload,
-    bearer_headers,
-    call,
     error_object,
     image_list,
     json_object,
@@ -59,9 +56,11 @@ class ReplicateDialect:
     def detect(self, payload: JSON) -> bool:
         # A prediction object: an id, one of Replicate's statuses, and keys only predictions
         # carry (apimart's `{"id", "status": "failed", "result"}` must not look like one).
+        status = payload.get("status")
         return (
             isinstance(payload.get("id"), str)
-            and payload.get("status") in _STATES
+            and isinstance(status, str)  # a list or object status is not one (and is unhashable)
+            and status in _STATES
             and any(key in payload for key in ("urls", "version", "output"))
             and "result" not in payload
         )
@@ -98,14 +97,9 @@ def _images(output: Any) -> tuple[JSON, ...]:
     return image_list(output, keys=("url",))
 
 
-class ReplicateProvider:
+class ReplicateProvider(HttpProvider):
     name = "replicate"
     dialect = "replicate"
-
-    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient, *, timeout: float) -> None:
-        self.settings = settings
-        self.client = client
-        self.timeout = timeout
 
     async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
         model = task.model or ""
@@ -119,31 +113,19 @@ class ReplicateProvider:
         else:  # a version id, bare or as owner/name:version
             body["version"] = model.rpartition(":")[2]
             url = f"{self.settings.url}/v1/predictions"
-        response = await call(
-            self.client,
-            "POST",
-            url,
-            provider=self.name,
-            timeout=self.timeout,
-            json=body,
-            headers=bearer_headers(self.settings),
-        )
+        response = await self.call("POST", url, json=body)
         answer = json_object(response, self.name)
         upstream = answer.get("id") if isinstance(answer.get("id"), str) and answer["id"] else None
         if upstream is None:
-            raise self._garbled("Replicate accepted the request but named no prediction id.", response, answer)
+            raise self.garbled("Replicate accepted the request but named no prediction id.", response, answer)
         report = None
-        if answer.get("status") in _TERMINAL:  # it finished (or failed) within the request
+        status = answer.get("status")
+        if isinstance(status, str) and status in _TERMINAL:  # it finished (or failed) within the request
             try:
                 report = ReplicateDialect().parse(answer)
             except InvalidPayload as exc:
-                raise self._garbled("Replicate answered a prediction of an unknown shape.", response, answer) from exc
+                raise self.garbled("Replicate answered a prediction of an unknown shape.", response, answer) from exc
         return Submission(upstream, report=report, raw=answer)
-
-    def _garbled(self, message: str, response: httpx.Response, answer: JSON) -> ProviderError:
-        return ProviderError(
-            message, provider=self.name, code="upstream_garbled", status_code=response.status_code, body=answer
-        )
 
 
 class ReplicateSignature:

@@ -21,14 +21,13 @@ import httpx
 import orjson
 
 from receiver.config import ProviderSettings
-from receiver.errors import InvalidPayload, ProviderError
+from receiver.errors import InvalidPayload
 from receiver.logs import get_logger
 from receiver.providers.base import (
     Answer,
+    HttpProvider,
     Submission,
     Upload,
-    bearer_headers,
-    call,
     error_object,
     image_list,
     json_object,
@@ -97,14 +96,12 @@ def _result_items(payload: JSON) -> Any:
     return []
 
 
-class XenodiaProvider:
+class XenodiaProvider(HttpProvider):
     name = "xenodia"
     dialect = "xenodia"
 
     def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient, *, timeout: float) -> None:
-        self.settings = settings
-        self.client = client
-        self.timeout = timeout
+        super().__init__(settings, client, timeout=timeout)
         self.tasks = XenodiaTaskDialect()
 
     async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
@@ -118,38 +115,20 @@ class XenodiaProvider:
             }
         else:
             body = {"json": fields}
-        response = await call(
-            self.client,
-            "POST",
-            self.settings.url + PATH,
-            provider=self.name,
-            timeout=self.timeout,
-            headers=bearer_headers(self.settings),
-            **body,
-        )
+        response = await self.call("POST", self.settings.url + PATH, **body)
         answer = json_object(response, self.name)
         task_id = answer.get("task_id")
         valid = isinstance(task_id, (str, int)) and not isinstance(task_id, bool) and task_id != ""
         upstream = str(task_id) if valid else None
         if isinstance(answer.get("data"), list) and answer["data"]:  # it answered synchronously after all
-            try:
-                report = Report(TaskState.SUCCEEDED, upstream, images=image_list(answer["data"]), dialect=self.name)
-            except InvalidPayload as exc:
-                raise self._garbled("xenodia answered images of an unknown shape.", response, answer) from exc
+            report = self.answered_images(answer["data"], upstream, response, answer)
             return Submission(upstream, report=report, raw=answer)
         if not upstream:
-            raise self._garbled("xenodia accepted the request but named no task_id.", response, answer)
+            raise self.garbled("xenodia accepted the request but named no task_id.", response, answer)
         return Submission(upstream, poll_url=self._poll_path(answer.get("poll_url"), upstream), raw=answer)
 
     async def poll(self, poll_url: str) -> tuple[Answer, Report]:
-        response = await call(
-            self.client,
-            "GET",
-            self.settings.url + poll_url,
-            provider=self.name,
-            timeout=self.timeout,
-            headers=bearer_headers(self.settings),
-        )
+        response = await self.call("GET", self.settings.url + poll_url)
         payload = json_object(response, self.name)
         answer = Answer(response.content, payload, response.headers.get("content-type"))
         return answer, self.tasks.parse(payload)
@@ -165,11 +144,6 @@ class XenodiaProvider:
             return path
         log.warning("xenodia.poll_url_ignored", upstream_task_id=upstream, reason="not a path on the provider's host")
         return fallback
-
-    def _garbled(self, message: str, response: httpx.Response, answer: JSON) -> ProviderError:
-        return ProviderError(
-            message, provider=self.name, code="upstream_garbled", status_code=response.status_code, body=answer
-        )
 
 
 def form_fields(fields: JSON) -> dict[str, str | list[str]]:

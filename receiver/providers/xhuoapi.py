@@ -10,15 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import httpx
-
-from receiver.config import ProviderSettings
 from receiver.errors import InvalidPayload, ProviderError
 from receiver.providers.base import (
+    HttpProvider,
     Submission,
     Upload,
-    bearer_headers,
-    call,
     error_object,
     image_list,
     json_object,
@@ -58,26 +54,13 @@ class XhuoapiDialect:
         return Report(TaskState.SUCCEEDED, upstream, images=images, dialect=self.name)
 
 
-class XhuoapiProvider:
+class XhuoapiProvider(HttpProvider):
     name = "xhuoapi"
     dialect = "xhuoapi"
 
-    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient, *, timeout: float) -> None:
-        self.settings = settings
-        self.client = client
-        self.timeout = timeout
-
     async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
         body = {"model": task.model, **task.request, "callback_url": callback_url}
-        response = await call(
-            self.client,
-            "POST",
-            self.settings.url + PATH,
-            provider=self.name,
-            timeout=self.timeout,
-            json=body,
-            headers=bearer_headers(self.settings),
-        )
+        response = await self.call("POST", self.settings.url + PATH, json=body)
         answer = json_object(response, self.name)
         if answer.get("success") is False:  # a 2xx that still says no
             error = error_object(answer.get("error"), "upstream_error")
@@ -91,15 +74,7 @@ class XhuoapiProvider:
         upstream = answer.get("task_id") if isinstance(answer.get("task_id"), str) else None
         report = None
         if isinstance(answer.get("data"), list) and answer["data"]:  # it answered with the image already
-            try:
-                report = Report(TaskState.SUCCEEDED, upstream, images=image_list(answer["data"]), dialect=self.name)
-            except InvalidPayload as exc:
-                raise self._garbled(f"{self.name} answered images of an unknown shape.", response, answer) from exc
+            report = self.answered_images(answer["data"], upstream, response, answer)
         if not upstream and report is None:
-            raise self._garbled(f"{self.name} accepted the request but named no task_id.", response, answer)
+            raise self.garbled(f"{self.name} accepted the request but named no task_id.", response, answer)
         return Submission(upstream or None, report=report, raw=answer)
-
-    def _garbled(self, message: str, response: httpx.Response, answer: JSON) -> ProviderError:
-        return ProviderError(
-            message, provider=self.name, code="upstream_garbled", status_code=response.status_code, body=answer
-        )
