@@ -103,6 +103,7 @@ RULES = [
     pytest.param({**ROUTER, "size": "huge"}, [], "size", id="router-size"),
     pytest.param({**ROUTER, "aspect_ratio": "square"}, [], "aspect_ratio", id="router-aspect-ratio"),
     pytest.param({**ROUTER, "resolution": "3K"}, [], "resolution", id="router-resolution"),
+    pytest.param({**ROUTER, "input_references": ["/etc/x"]}, [], "input_references", id="router-reference-path"),
     pytest.param({**ROUTER, "seed": 1.5}, [], "seed", id="router-seed-not-integer"),
     pytest.param({**ROUTER, "stream": True}, [], "stream", id="router-stream"),
     pytest.param({**ROUTER, "provider_options": "openai"}, [], "provider_options", id="router-provider-options"),

@@ -22,7 +22,7 @@ Rules are data, checked before any upstream call. The file's shape:
     param rule   {"type": "string|integer|number|boolean|array|object", "enum": [...], "pattern": "regex",
                   "hint": "shown when the pattern (matched whole) fails", "minimum": n, "maximum": n,
                   "items": {"type": …, "format": "url"} (each item's rule) | [values] (a non-empty
-                  list of these), "format": "url",
+                  list of these), "format": "url" | "url_or_data" (http(s), or a data: URL),
                   "dimensions": {"allow": ["auto"], "multiple_of": 16, "max_side": 3840, "max_pixels": 8294400},
                   "unsupported": "message"}
     rule         {"forbid": {"<param>": [values] | "*", …}, "field": "<param>", "message": "…"}:
@@ -234,6 +234,8 @@ def check_param(value: Any, rule: Mapping[str, Any]) -> str | None:
             return str(rule.get("hint") or f"{value!r} does not match {rule['pattern']}")
         if rule.get("format") == "url" and not _is_url(value):
             return "must be an http(s) URL"
+        if rule.get("format") == "url_or_data" and not (_is_url(value) or value.startswith("data:")):
+            return "must be an http(s) or data: URL"
         if "dimensions" in rule:
             return _check_dimensions(value, rule["dimensions"])
     items = rule.get("items")
