@@ -29,6 +29,8 @@ ROTATION_OVERLAP = 86400.0
 EVENT_FILTERS = ("*", *(e.value for e in EventType if e is not EventType.PING))
 SECRET_BYTES = (24, 64)
 MAX_DESCRIPTION = 500
+#: The latest `since` taken: 9999-12-31T23:59:59Z, the end of what ISO-8601 times here can name.
+LATEST_SINCE = 253402300799.0
 
 _CREATE_FIELDS = frozenset({"url", "events", "description", "secret"})
 _PATCH_FIELDS = frozenset({"url", "events", "enabled", "description"})
@@ -219,7 +221,7 @@ async def send_test(request: Request) -> Response:
 
 
 def _since(value: Any) -> float:
-    problem = {"field": "since", "message": "must be an ISO-8601 time or unix seconds"}
+    problem = {"field": "since", "message": "must be an ISO-8601 time or unix seconds, up to the year 9999"}
     if isinstance(value, bool) or value is None:
         raise InvalidParameters([problem])
     if isinstance(value, int | float):
@@ -234,7 +236,8 @@ def _since(value: Any) -> float:
             raise InvalidParameters([problem]) from exc
     else:
         raise InvalidParameters([problem])
-    if not math.isfinite(moment) or moment < 0:
+    # Beyond the year 9999 the time cannot be shown back (isoformat) nor stored everywhere: a 400, not a 500.
+    if not math.isfinite(moment) or not 0 <= moment <= LATEST_SINCE:
         raise InvalidParameters([problem])
     return moment
 
