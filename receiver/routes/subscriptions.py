@@ -88,15 +88,19 @@ def _secret(value: Any, problems: Problems) -> str | None:
     return value
 
 
+def _not_found(subscription_id: str) -> NotFound:
+    return NotFound(
+        f"No subscription {subscription_id}.",
+        code="subscription_not_found",
+        details={"subscription_id": subscription_id},
+    )
+
+
 async def _subscription_or_404(request: Request) -> Subscription:
     subscription_id = request.path_params["subscription_id"]
     found = await context(request).store.get_subscription(subscription_id)
     if found is None:
-        raise NotFound(
-            f"No subscription {subscription_id}.",
-            code="subscription_not_found",
-            details={"subscription_id": subscription_id},
-        )
+        raise _not_found(subscription_id)
     return found
 
 
@@ -206,7 +210,8 @@ async def rotate_secret(request: Request) -> Response:
         previous_secret=subscription.secret,
         previous_secret_expires_at=ctx.clock() + ROTATION_OVERLAP,
     )
-    assert rotated is not None
+    if rotated is None:  # deleted meanwhile
+        raise _not_found(subscription.id)
     return json_response(rotated.to_api(reveal_secret=True))
 
 
