@@ -43,6 +43,20 @@ def test_every_command_has_an_example_and_json_output(capsys) -> None:
         assert done.value.code == 0 and "example:" in capsys.readouterr().out
 
 
+def test_help_names_every_value_the_api_takes(capsys) -> None:
+    """`--provider`, `--state` and `--status` offer what the API accepts, and refuse anything else locally."""
+    from receiver.providers import CALLBACK_DIALECTS
+
+    with pytest.raises(SystemExit):
+        cli.main(["callback-url", "--help"])
+    shown = capsys.readouterr().out
+    assert all(dialect in shown for dialect in CALLBACK_DIALECTS) and "replicate" in shown and "fal" in shown
+    for argv in (["callback-url", "--provider", "nope"], ["tasks", "--state", "done"]):
+        with pytest.raises(SystemExit) as refused:
+            cli.main(argv)
+        assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 # --- against a running receiver -----------------------------------------------------------------
 
 
