@@ -38,9 +38,14 @@ _PATCH_FIELDS = frozenset({"url", "events", "enabled", "description"})
 Problems = list[dict[str, str]]
 
 
-def _unknown(body: JSON, allowed: frozenset[str], problems: Problems) -> None:
-    for name in sorted(set(body) - allowed):
-        problems.append({"field": name, "message": f"is not a field; expected: {', '.join(sorted(allowed))}"})
+async def _read_fields(request: Request, allowed: frozenset[str]) -> tuple[JSON, Problems]:
+    """The JSON body, and one problem for each field in it beyond `allowed` (more may be added)."""
+    body = await read_json_object(request)
+    expected = ", ".join(sorted(allowed))
+    problems = [
+        {"field": name, "message": f"is not a field; expected: {expected}"} for name in sorted(set(body) - allowed)
+    ]
+    return body, problems
 
 
 def _url(value: Any, problems: Problems) -> str | None:
@@ -117,9 +122,7 @@ def enabled_or_409(subscription: Subscription) -> None:
 
 async def create_subscription(request: Request) -> Response:
     ctx = context(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, _CREATE_FIELDS, problems)
+    body, problems = await _read_fields(request, _CREATE_FIELDS)
     url = _url(body.get("url"), problems)
     events = _events(body.get("events", ["*"]), problems)
     description = _description(body.get("description"), problems)
@@ -153,9 +156,7 @@ async def get_subscription(request: Request) -> Response:
 async def update_subscription(request: Request) -> Response:
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, _PATCH_FIELDS, problems)
+    body, problems = await _read_fields(request, _PATCH_FIELDS)
     changes: dict[str, Any] = {}
     if "url" in body:
         changes["url"] = _url(body["url"], problems)
@@ -192,9 +193,7 @@ async def delete_subscription(request: Request) -> Response:
 async def rotate_secret(request: Request) -> Response:
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, frozenset({"secret"}), problems)
+    body, problems = await _read_fields(request, frozenset({"secret"}))
     secret = _secret(body.get("secret"), problems)
     if problems:
         raise InvalidParameters(problems)
@@ -251,9 +250,7 @@ async def recover(request: Request) -> Response:
     """Send again every failed delivery of the subscription created since `since`."""
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, frozenset({"since"}), problems)
+    body, problems = await _read_fields(request, frozenset({"since"}))
     if problems:
         raise InvalidParameters(problems)
     since = _since(body.get("since"))
