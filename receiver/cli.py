@@ -478,25 +478,20 @@ def _print_task(task: dict[str, Any]) -> None:
 def run_tasks(args: argparse.Namespace) -> int:
     with _client(args) as api:
         page = api.tasks(state=args.state, provider=args.provider, limit=args.limit)
-    if args.json:
-        _print_json(page)
-        return 0
-    rows = [
-        (
-            t["id"],
-            t["state"],
-            t["provider"],
-            t.get("model") or "-",
-            _images(t),
-            _age(t["created_at"]),
-            t.get("upstream_task_id") or "-",
-        )
-        for t in page["data"]
-    ]
-    _print_table(("ID", "STATE", "PROVIDER", "MODEL", "IMAGES", "AGE", "UPSTREAM"), rows)
-    if not rows:
-        print("(no tasks)", file=sys.stderr)
-    return 0
+    header = ("ID", "STATE", "PROVIDER", "MODEL", "IMAGES", "AGE", "UPSTREAM")
+    return _print_page(args, page, header, _task_row, "(no tasks)")
+
+
+def _task_row(t: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        t["id"],
+        t["state"],
+        t["provider"],
+        t.get("model") or "-",
+        _images(t),
+        _age(t["created_at"]),
+        t.get("upstream_task_id") or "-",
+    )
 
 
 def _images(task: dict[str, Any]) -> str:
@@ -527,26 +522,21 @@ def run_deliveries(args: argparse.Namespace) -> int:
     status = "failed" if args.failed else args.status
     with _client(args) as api:
         page = api.deliveries(status=status, subscription_id=args.subscription, task_id=args.task, limit=args.limit)
-    if args.json:
-        _print_json(page)
-        return 0
-    rows = [
-        (
-            d["id"],
-            d["status"],
-            d["event_type"],
-            d.get("task_id") or "-",
-            d["subscription_id"],
-            str(d["attempt_count"]),
-            _last_attempt(d),
-            _age(d["updated_at"]),
-        )
-        for d in page["data"]
-    ]
-    _print_table(("ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED"), rows)
-    if not rows:
-        print("(no deliveries)", file=sys.stderr)
-    return 0
+    header = ("ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED")
+    return _print_page(args, page, header, _delivery_row, "(no deliveries)")
+
+
+def _delivery_row(d: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        d["id"],
+        d["status"],
+        d["event_type"],
+        d.get("task_id") or "-",
+        d["subscription_id"],
+        str(d["attempt_count"]),
+        _last_attempt(d),
+        _age(d["updated_at"]),
+    )
 
 
 def _last_attempt(delivery: dict[str, Any]) -> str:
@@ -565,6 +555,24 @@ def run_redeliver(args: argparse.Namespace) -> int:
         _print_json(delivery)
     else:
         print(f"{delivery['id']}  {delivery['status']}: queued to be sent again (webhook-id {delivery['event_id']})")
+    return 0
+
+
+def _print_page(
+    args: argparse.Namespace,
+    page: dict[str, Any],
+    header: Sequence[str],
+    row: Callable[[dict[str, Any]], Sequence[str]],
+    nothing: str,
+) -> int:
+    """A list answer: as it came with --json, else a table (and `nothing` on stderr when empty)."""
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [row(item) for item in page["data"]]
+    _print_table(header, rows)
+    if not rows:
+        print(nothing, file=sys.stderr)
     return 0
 
 
