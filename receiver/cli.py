@@ -19,6 +19,8 @@ from receiver.client import Client, ClientError, default_api_key, default_url, f
 from receiver.clock import parse_iso
 from receiver.config import ConfigError, Settings, ensure_secrets
 from receiver.logs import configure_logging, get_logger
+from receiver.providers import CALLBACK_DIALECTS
+from receiver.types import DeliveryStatus, TaskState
 
 EPILOGS = {
     "serve": "example:\n  RECEIVER_PUBLIC_URL=https://my-tunnel.example receiver serve --port 8000\n"
@@ -44,9 +46,9 @@ EPILOGS = {
     "  receiver submit --provider router --model openai/gpt-image-1 --prompt 'a pear' --wait --json",
     "tasks": "example:\n  receiver tasks --state failed --limit 50\n  receiver tasks --json | jq -r '.data[].id'",
     "deliveries": "example:\n  receiver deliveries --failed\n"
-    "  receiver deliveries --task tsk_01jd3x5k7q8w2m4n6p8r0t2v4x --json",
-    "redeliver": "example:\n  receiver redeliver dlv_01jd3x5k7q8w2m4n6p8r0t2v4x\n"
-    "  receiver redeliver dlv_01jd3x5k7q8w2m4n6p8r0t2v4x --json",
+    "  receiver deliveries --task tsk_0193a7c2e4f07b3c9d2e1f0a4b5c6d7e --json",
+    "redeliver": "example:\n  receiver redeliver dlv_0193a7c2e5a1d3f5b7c9e1a3c5e7f9b2\n"
+    "  receiver redeliver dlv_0193a7c2e5a1d3f5b7c9e1a3c5e7f9b2 --json",
 }
 
 
@@ -94,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help=help)
 
     serve = command("serve", run_serve, "Run the service (migrates the database on start).")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     serve.add_argument(
         "--forwarded-allow-ips",
@@ -120,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     json_option(doctor)
 
     fake = command("fake-provider", run_fake_provider, "Run a simulated provider (no credits spent).")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=9000)
-    fake.add_argument("--delay", type=float, default=2.0, help="seconds before the callback is posted")
-    fake.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail (0..1)")
-    fake.add_argument("--duplicate-rate", type=float, default=0.0, help="share of callbacks posted twice (0..1)")
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    fake.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
+    fake.add_argument("--delay", type=float, default=2.0, help="seconds before the callback is posted (default 2)")
+    fake.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail (0..1, default 0)")
+    fake.add_argument(
+        "--duplicate-rate", type=float, default=0.0, help="share of callbacks posted twice (0..1, default 0)"
+    )
     fake.add_argument(
         "--out-of-order-rate",
         type=float,
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mint = command("callback-url", run_callback_url, "Mint a task and print its signed callback URL.")
     mint.add_argument(
-        "--provider", default="auto", help="callback dialect: xhuoapi, kie, kling, apimart or auto (default)"
+        "--provider", default="auto", choices=CALLBACK_DIALECTS, help="the callback dialect (default auto)"
     )
     mint.add_argument("--expires-in", type=int, default=None, help="seconds the URL stays valid")
     client_options(mint)
@@ -170,17 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     client_options(submit)
 
     tasks = command("tasks", run_tasks, "List recent tasks.")
-    tasks.add_argument("--state", default=None)
-    tasks.add_argument("--provider", default=None)
-    tasks.add_argument("--limit", type=int, default=20)
+    tasks.add_argument("--state", choices=[s.value for s in TaskState], default=None, help="only tasks in this state")
+    tasks.add_argument("--provider", default=None, help="only this provider's tasks")
+    tasks.add_argument("--limit", type=int, default=20, help="how many, newest first (default 20, at most 100)")
     client_options(tasks)
 
     deliveries = command("deliveries", run_deliveries, "List deliveries to subscribers, newest first.")
     deliveries.add_argument("--failed", action="store_true", help="only failed deliveries (--status failed)")
-    deliveries.add_argument("--status", choices=("pending", "succeeded", "failed"), default=None)
+    deliveries.add_argument("--status", choices=[s.value for s in DeliveryStatus], default=None)
     deliveries.add_argument("--subscription", metavar="ID", default=None, help="only this subscription")
     deliveries.add_argument("--task", metavar="ID", default=None, help="only this task")
-    deliveries.add_argument("--limit", type=int, default=20)
+    deliveries.add_argument("--limit", type=int, default=20, help="how many, newest first (default 20, at most 100)")
     client_options(deliveries)
 
     redeliver = command("redeliver", run_redeliver, "Send a delivery again now, with the same webhook-id.")
@@ -474,25 +478,20 @@ def _print_task(task: dict[str, Any]) -> None:
 def run_tasks(args: argparse.Namespace) -> int:
     with _client(args) as api:
         page = api.tasks(state=args.state, provider=args.provider, limit=args.limit)
-    if args.json:
-        _print_json(page)
-        return 0
-    rows = [
-        (
-            t["id"],
-            t["state"],
-            t["provider"],
-            t.get("model") or "-",
-            _images(t),
-            _age(t["created_at"]),
-            t.get("upstream_task_id") or "-",
-        )
-        for t in page["data"]
-    ]
-    _print_table(("ID", "STATE", "PROVIDER", "MODEL", "IMAGES", "AGE", "UPSTREAM"), rows)
-    if not rows:
-        print("(no tasks)", file=sys.stderr)
-    return 0
+    header = ("ID", "STATE", "PROVIDER", "MODEL", "IMAGES", "AGE", "UPSTREAM")
+    return _print_page(args, page, header, _task_row, "(no tasks)")
+
+
+def _task_row(t: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        t["id"],
+        t["state"],
+        t["provider"],
+        t.get("model") or "-",
+        _images(t),
+        _age(t["created_at"]),
+        t.get("upstream_task_id") or "-",
+    )
 
 
 def _images(task: dict[str, Any]) -> str:
@@ -523,26 +522,21 @@ def run_deliveries(args: argparse.Namespace) -> int:
     status = "failed" if args.failed else args.status
     with _client(args) as api:
         page = api.deliveries(status=status, subscription_id=args.subscription, task_id=args.task, limit=args.limit)
-    if args.json:
-        _print_json(page)
-        return 0
-    rows = [
-        (
-            d["id"],
-            d["status"],
-            d["event_type"],
-            d.get("task_id") or "-",
-            d["subscription_id"],
-            str(d["attempt_count"]),
-            _last_attempt(d),
-            _age(d["updated_at"]),
-        )
-        for d in page["data"]
-    ]
-    _print_table(("ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED"), rows)
-    if not rows:
-        print("(no deliveries)", file=sys.stderr)
-    return 0
+    header = ("ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED")
+    return _print_page(args, page, header, _delivery_row, "(no deliveries)")
+
+
+def _delivery_row(d: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        d["id"],
+        d["status"],
+        d["event_type"],
+        d.get("task_id") or "-",
+        d["subscription_id"],
+        str(d["attempt_count"]),
+        _last_attempt(d),
+        _age(d["updated_at"]),
+    )
 
 
 def _last_attempt(delivery: dict[str, Any]) -> str:
@@ -561,6 +555,24 @@ def run_redeliver(args: argparse.Namespace) -> int:
         _print_json(delivery)
     else:
         print(f"{delivery['id']}  {delivery['status']}: queued to be sent again (webhook-id {delivery['event_id']})")
+    return 0
+
+
+def _print_page(
+    args: argparse.Namespace,
+    page: dict[str, Any],
+    header: Sequence[str],
+    row: Callable[[dict[str, Any]], Sequence[str]],
+    nothing: str,
+) -> int:
+    """A list answer: as it came with --json, else a table (and `nothing` on stderr when empty)."""
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [row(item) for item in page["data"]]
+    _print_table(header, rows)
+    if not rows:
+        print(nothing, file=sys.stderr)
     return 0
 
 

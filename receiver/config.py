@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import secrets
 import sys
@@ -227,7 +228,7 @@ def _whsec(value: str) -> Secret:
 
 def _positive_float(value: str) -> float:
     number = float(value)
-    if not number > 0:
+    if not 0 < number < math.inf:  # also refuses nan and inf: deadlines built on them cannot be shown or stored
         raise ValueError(f"expected a positive number, got {value!r}")
     return number
 
@@ -241,7 +242,7 @@ def _positive_int(value: str) -> int:
 
 def _schedule(value: str) -> tuple[float, ...]:
     delays = tuple(float(part) for part in value.split(",") if part.strip())
-    if not delays or any(d < 0 for d in delays):
+    if not delays or any(not 0 <= d < math.inf for d in delays):
         raise ValueError("expected comma-separated non-negative seconds, e.g. 0,5,300")
     return delays
 

@@ -43,6 +43,20 @@ def test_every_command_has_an_example_and_json_output(capsys) -> None:
         assert done.value.code == 0 and "example:" in capsys.readouterr().out
 
 
+def test_help_names_every_value_the_api_takes(capsys) -> None:
+    """`--provider`, `--state` and `--status` offer what the API accepts, and refuse anything else locally."""
+    from receiver.providers import CALLBACK_DIALECTS
+
+    with pytest.raises(SystemExit):
+        cli.main(["callback-url", "--help"])
+    shown = capsys.readouterr().out
+    assert all(dialect in shown for dialect in CALLBACK_DIALECTS) and "replicate" in shown and "fal" in shown
+    for argv in (["callback-url", "--provider", "nope"], ["tasks", "--state", "done"]):
+        with pytest.raises(SystemExit) as refused:
+            cli.main(argv)
+        assert refused.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 # --- against a running receiver -----------------------------------------------------------------
 
 
@@ -91,3 +105,34 @@ async def test_submit_wait_shows_progress_and_ends_with_the_kept_images(
         assert re.fullmatch(r"\d+s", table[1][5])
         assert await asyncio.to_thread(cli.main, ["tasks", *client, "--json"]) == 0
         assert len(json.loads(capsys.readouterr().out)["data"]) == 3
+
+
+@pytest.mark.anyio
+async def test_deliveries_lists_the_log_and_redeliver_sends_one_again(tmp_path: Path, capsys) -> None:
+    from tests.delivery.helpers import FAST, deliveries, eventually, subscribe
+
+    async with start_receiver(tmp_path, **{**FAST, "retry_schedule": (0.0,)}) as running:
+        client = ["--url", running.url, "--api-key", API_KEY]
+        sub = await subscribe(running, "http://127.0.0.1:9/hook")  # nothing listens: the one attempt fails
+        assert (await running.api.post(f"/v1/subscriptions/{sub['id']}/test")).status_code == 202
+        [failed] = await eventually(lambda: deliveries(running, status="failed"), what="a failed ping")
+
+        assert await asyncio.to_thread(cli.main, ["deliveries", *client, "--failed"]) == 0
+        table = columns(capsys.readouterr().out)
+        assert table[0] == ["ID", "STATUS", "EVENT", "TASK", "SUBSCRIPTION", "ATTEMPTS", "LAST", "UPDATED"]
+        assert table[1][:6] == [failed["id"], "failed", "ping", "-", sub["id"], "1"] and len(table) == 2
+        assert await asyncio.to_thread(cli.main, ["deliveries", *client, "--status", "succeeded"]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == 1 and "(no deliveries)" in err
+        assert await asyncio.to_thread(cli.main, ["deliveries", *client, "--json"]) == 0
+        assert [d["id"] for d in json.loads(capsys.readouterr().out)["data"]] == [failed["id"]]
+
+        assert await asyncio.to_thread(cli.main, ["redeliver", *client, failed["id"], "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["id"] == failed["id"]
+
+        async def sent_again() -> list[object]:
+            return [d for d in await deliveries(running, status="failed") if d["attempt_count"] == 2]
+
+        await eventually(sent_again, what="the second attempt")
+        assert await asyncio.to_thread(cli.main, ["redeliver", *client, "dlv_nope"]) == 1
+        assert "delivery_not_found" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -16,6 +17,13 @@ from receiver.types import JSON
 def context(request: Request) -> Context:
     ctx: Context = request.app.state.ctx
     return ctx
+
+
+def draining(request: Request) -> asyncio.Event:
+    """Set once the server starts to shut down: long-polls answer and streams end (receiver.server).
+    An app served without the lifespan that creates it gets an event that is never set."""
+    event: asyncio.Event | None = getattr(request.app.state, "draining", None)
+    return event or asyncio.Event()
 
 
 async def read_body(request: Request, limit: int) -> bytes:

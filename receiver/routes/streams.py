@@ -44,7 +44,7 @@ from receiver.broadcast import Notice
 from receiver.context import Context
 from receiver.errors import NotFound
 from receiver.quotas import quotas
-from receiver.routes import context
+from receiver.routes import context, draining
 from receiver.tasks import Task
 
 T = TypeVar("T")
@@ -68,8 +68,7 @@ async def task_events(request: Request) -> Response:
     if await ctx.store.get_task(task_id) is None:
         raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
     release = quotas(request).streams.take(request.scope.get(KEY_ID_SCOPE, ""))
-    draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
-    return _Counted(stream(ctx, task_id, draining), release)
+    return _Counted(stream(ctx, task_id, draining(request)), release)
 
 
 async def stream(ctx: Context, task_id: str, draining: asyncio.Event) -> AsyncIterator[bytes]:
@@ -124,8 +123,7 @@ async def activity(request: Request) -> Response:
         release_slot()
         release_tab()
 
-    draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
-    return _Counted(activity_stream(ctx, draining), release)
+    return _Counted(activity_stream(ctx, draining(request)), release)
 
 
 class _Counted(StreamingResponse):

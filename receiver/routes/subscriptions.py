@@ -29,6 +29,8 @@ ROTATION_OVERLAP = 86400.0
 EVENT_FILTERS = ("*", *(e.value for e in EventType if e is not EventType.PING))
 SECRET_BYTES = (24, 64)
 MAX_DESCRIPTION = 500
+#: The latest `since` taken: 9999-12-31T23:59:59Z, the end of what ISO-8601 times here can name.
+LATEST_SINCE = 253402300799.0
 
 _CREATE_FIELDS = frozenset({"url", "events", "description", "secret"})
 _PATCH_FIELDS = frozenset({"url", "events", "enabled", "description"})
@@ -36,9 +38,14 @@ _PATCH_FIELDS = frozenset({"url", "events", "enabled", "description"})
 Problems = list[dict[str, str]]
 
 
-def _unknown(body: JSON, allowed: frozenset[str], problems: Problems) -> None:
-    for name in sorted(set(body) - allowed):
-        problems.append({"field": name, "message": f"is not a field; expected: {', '.join(sorted(allowed))}"})
+async def _read_fields(request: Request, allowed: frozenset[str]) -> tuple[JSON, Problems]:
+    """The JSON body, and one problem for each field in it beyond `allowed` (more may be added)."""
+    body = await read_json_object(request)
+    expected = ", ".join(sorted(allowed))
+    problems = [
+        {"field": name, "message": f"is not a field; expected: {expected}"} for name in sorted(set(body) - allowed)
+    ]
+    return body, problems
 
 
 def _url(value: Any, problems: Problems) -> str | None:
@@ -86,15 +93,19 @@ def _secret(value: Any, problems: Problems) -> str | None:
     return value
 
 
+def _not_found(subscription_id: str) -> NotFound:
+    return NotFound(
+        f"No subscription {subscription_id}.",
+        code="subscription_not_found",
+        details={"subscription_id": subscription_id},
+    )
+
+
 async def _subscription_or_404(request: Request) -> Subscription:
     subscription_id = request.path_params["subscription_id"]
     found = await context(request).store.get_subscription(subscription_id)
     if found is None:
-        raise NotFound(
-            f"No subscription {subscription_id}.",
-            code="subscription_not_found",
-            details={"subscription_id": subscription_id},
-        )
+        raise _not_found(subscription_id)
     return found
 
 
@@ -111,9 +122,7 @@ def enabled_or_409(subscription: Subscription) -> None:
 
 async def create_subscription(request: Request) -> Response:
     ctx = context(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, _CREATE_FIELDS, problems)
+    body, problems = await _read_fields(request, _CREATE_FIELDS)
     url = _url(body.get("url"), problems)
     events = _events(body.get("events", ["*"]), problems)
     description = _description(body.get("description"), problems)
@@ -147,9 +156,7 @@ async def get_subscription(request: Request) -> Response:
 async def update_subscription(request: Request) -> Response:
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, _PATCH_FIELDS, problems)
+    body, problems = await _read_fields(request, _PATCH_FIELDS)
     changes: dict[str, Any] = {}
     if "url" in body:
         changes["url"] = _url(body["url"], problems)
@@ -186,9 +193,7 @@ async def delete_subscription(request: Request) -> Response:
 async def rotate_secret(request: Request) -> Response:
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, frozenset({"secret"}), problems)
+    body, problems = await _read_fields(request, frozenset({"secret"}))
     secret = _secret(body.get("secret"), problems)
     if problems:
         raise InvalidParameters(problems)
@@ -204,7 +209,8 @@ async def rotate_secret(request: Request) -> Response:
         previous_secret=subscription.secret,
         previous_secret_expires_at=ctx.clock() + ROTATION_OVERLAP,
     )
-    assert rotated is not None
+    if rotated is None:  # deleted meanwhile
+        raise _not_found(subscription.id)
     return json_response(rotated.to_api(reveal_secret=True))
 
 
@@ -219,7 +225,7 @@ async def send_test(request: Request) -> Response:
 
 
 def _since(value: Any) -> float:
-    problem = {"field": "since", "message": "must be an ISO-8601 time or unix seconds"}
+    problem = {"field": "since", "message": "must be an ISO-8601 time or unix seconds, up to the year 9999"}
     if isinstance(value, bool) or value is None:
         raise InvalidParameters([problem])
     if isinstance(value, int | float):
@@ -234,7 +240,8 @@ def _since(value: Any) -> float:
             raise InvalidParameters([problem]) from exc
     else:
         raise InvalidParameters([problem])
-    if not math.isfinite(moment) or moment < 0:
+    # Beyond the year 9999 the time cannot be shown back (isoformat) nor stored everywhere: a 400, not a 500.
+    if not math.isfinite(moment) or not 0 <= moment <= LATEST_SINCE:
         raise InvalidParameters([problem])
     return moment
 
@@ -243,9 +250,7 @@ async def recover(request: Request) -> Response:
     """Send again every failed delivery of the subscription created since `since`."""
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body = await read_json_object(request)
-    problems: Problems = []
-    _unknown(body, frozenset({"since"}), problems)
+    body, problems = await _read_fields(request, frozenset({"since"}))
     if problems:
         raise InvalidParameters(problems)
     since = _since(body.get("since"))

@@ -17,7 +17,7 @@ from receiver.ids import new_id
 from receiver.providers import CALLBACK_DIALECTS
 from receiver.providers.base import Upload
 from receiver.quotas import quotas
-from receiver.routes import context, cursors, query_float, query_int, read_json_object
+from receiver.routes import context, cursors, draining, query_float, query_int, read_json_object
 from receiver.routes.forms import is_multipart, read_submission_form
 from receiver.store.base import TaskQuery
 from receiver.submission import submit
@@ -69,8 +69,7 @@ async def wait_for_terminal(request: Request, task: Task, seconds: float) -> Tas
     the task as it is when the server starts to shut down (the client asks again elsewhere).
     A client that goes away ends the wait (and frees its slot: receiver.quotas) at once."""
     feed = context(request).store.feed
-    draining: asyncio.Event = getattr(request.app.state, "draining", None) or asyncio.Event()
-    stopping = asyncio.ensure_future(draining.wait())
+    stopping = asyncio.ensure_future(draining(request).wait())
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         with feed.listen(task.id) as changes:

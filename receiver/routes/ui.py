@@ -1,6 +1,6 @@
 """The dashboard: `GET /ui`, one page of plain HTML, JavaScript and CSS from receiver/ui/.
 
-The page and its two files need no key (they hold no data); every data call
+The page and its three files need no key (they hold no data); every data call
 the page makes does, with the key the user typed, kept in the tab's session
 storage and sent as a bearer header. The page is served under a strict
 Content-Security-Policy: scripts and styles from this origin only (no inline

@@ -77,6 +77,19 @@ async def test_rotating_the_secret(local: Running) -> None:
     assert_error(await local.api.post("/v1/subscriptions/sub_nope/rotate-secret"), 404, "subscription_not_found")
 
 
+async def test_rotating_a_subscription_deleted_meanwhile_is_404(local: Running, monkeypatch) -> None:
+    sub = (await local.api.post("/v1/subscriptions", json={"url": URL})).json()
+    store = local.ctx.store
+    update = store.update_subscription
+
+    async def deleted_first(subscription_id, **changes):  # the DELETE lands between the read and the write
+        await store.delete_subscription(subscription_id)
+        return await update(subscription_id, **changes)
+
+    monkeypatch.setattr(store, "update_subscription", deleted_first)
+    assert_error(await local.api.post(f"/v1/subscriptions/{sub['id']}/rotate-secret"), 404, "subscription_not_found")
+
+
 BAD_BODIES = [
     pytest.param({}, {"url"}, id="no-url"),
     pytest.param({"url": 5}, {"url"}, id="url-not-a-string"),
@@ -174,6 +187,9 @@ async def test_test_and_recover_need_an_enabled_subscription(local: Running) -> 
         pytest.param({"since": None}, id="null"),
         pytest.param({"since": True}, id="bool"),
         pytest.param({"since": -5}, id="negative"),
+        pytest.param({"since": 1e308}, id="beyond-year-9999"),
+        pytest.param({"since": 10**30}, id="huge-integer"),
+        pytest.param({"since": "10000-01-01T00:00:00Z"}, id="five-digit-year"),
         pytest.param({"since": "yesterday"}, id="words"),
         pytest.param({"since": "2026-13-45T00:00:00Z"}, id="impossible-date"),
         pytest.param({"since": {"t": 1}}, id="object"),
