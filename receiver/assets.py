@@ -100,15 +100,18 @@ class AssetStore:
         self.public_url = public_url.rstrip("/")
 
     async def put(self, data: bytes) -> Asset:
-        """Store `data` (once: the name is its hash) and describe it."""
-        asset = Asset.describe(data)
-        await asyncio.to_thread(self._write, asset.name, data)
-        return asset
+        """Store `data` (once: the name is its hash) and describe it.
 
-    def _write(self, name: str, data: bytes) -> None:
+        Hashing and writing both run off the event loop: an image may be tens of megabytes.
+        """
+        return await asyncio.to_thread(self._write, data)
+
+    def _write(self, data: bytes) -> Asset:
+        asset = Asset.describe(data)
+        name = asset.name
         path = self.directory / name
         if path.exists():
-            return
+            return asset
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / f".{name}.{secrets.token_hex(4)}.tmp"
         with partial.open("wb") as handle:
@@ -116,6 +119,7 @@ class AssetStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)  # readers never see half a file
+        return asset
 
     def unwritable(self) -> str | None:
         """Why files cannot be stored in the directory (None: they can). Blocking: call it off the loop.
@@ -173,7 +177,7 @@ class AssetStore:
             if not isinstance(encoded, str):
                 images.append(image)
                 continue
-            url = self.url(await self.put(decode_inline(encoded)))
+            url = self.url(await self.put(await asyncio.to_thread(decode_inline, encoded)))  # megabytes: off the loop
             kept = {k: v for k, v in image.items() if k != "b64_json"}
             images.append({**kept, "url": kept.get("url") or url, "asset_url": url})
         return dataclasses.replace(report, images=tuple(images))

@@ -40,7 +40,7 @@ from receiver import __version__
 from receiver.assets import AssetStore, sniff
 from receiver.config import Settings
 from receiver.context import Context
-from receiver.delivery.sender import GuardedResolver
+from receiver.delivery.sender import guard_refusal, guarded_session
 from receiver.delivery.urlguard import UrlGuard, literal_address
 from receiver.errors import AssetUnavailable, UrlNotAllowed
 from receiver.jobs import DONE, Outcome, again
@@ -76,9 +76,10 @@ class Downloader:
     downloader = Downloader(UrlGuard(), max_bytes=50 << 20, timeout=60)
     data = await downloader.fetch("https://cdn.example/a.png")
 
-    The connections go through the delivery sender's guarded resolver (every address a name
-    resolves to is checked, and the connection goes to a checked one); an address written in a
-    URL, which aiohttp connects to without resolving, is checked before each request. Redirects
+    The session is built like the delivery sender's (`guarded_session`): connections go through
+    the guarded resolver (every address a name resolves to is checked, and the connection goes
+    to a checked one); an address written in a URL, which aiohttp connects to without
+    resolving, is checked before each request. Redirects
     are followed here, hop by hop, so that every hop's URL gets the same checks.
     """
 
@@ -92,17 +93,9 @@ class Downloader:
     def _client(self) -> aiohttp.ClientSession:
         # Built on first use: a session belongs to the running event loop.
         if self._session is None:
-            guarded = not self.guard.allow_private
-            connector = aiohttp.TCPConnector(
+            self._session = guarded_session(
+                None if self.guard.allow_private else self.guard,
                 limit=CONCURRENT_DOWNLOADS * 4,
-                keepalive_timeout=30,
-                use_dns_cache=not guarded,  # with the guard, every new connection is resolved and checked
-                resolver=GuardedResolver(self.guard) if guarded else None,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                trust_env=False,  # a proxy would connect on the receiver's behalf, past the guard
-                cookie_jar=aiohttp.DummyCookieJar(),
                 headers={"user-agent": f"receiver/{__version__}", "accept": "image/*"},
             )
         return self._session
@@ -126,9 +119,10 @@ class Downloader:
         except UrlNotAllowed as exc:  # the URL, a redirect's, or an address a name resolved to
             raise AssetUnavailable("url_not_allowed", exc.message) from exc
         except aiohttp.ClientConnectorError as exc:
+            refused = guard_refusal(exc)
+            if refused is not None:
+                raise AssetUnavailable("url_not_allowed", refused.message) from exc
             cause = exc.__cause__ or exc.os_error
-            if isinstance(cause, UrlNotAllowed):
-                raise AssetUnavailable("url_not_allowed", cause.message) from exc
             raise AssetUnavailable(
                 "download_failed", f"connection failed: {cause or exc}"[:300], retryable=True
             ) from exc

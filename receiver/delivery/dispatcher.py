@@ -13,7 +13,7 @@ due; a commit that writes deliveries, and every attempt that ends, wakes it.
 
 Per endpoint (subscription) at most `delivery_concurrency` requests are in
 flight, and a circuit breaker pauses an endpoint after consecutive failures.
-Claimed deliveries wait in the endpoint's queue (at most one more round of
+Claimed deliveries wait in the endpoint's queue (at most two more rounds of
 `delivery_concurrency`), so a request that ends starts the next one at once,
 without another claim; endpoints whose queue is full, or that are paused, are
 left out of the claim, so their deliveries stay in the outbox untouched — no
@@ -139,15 +139,17 @@ class Dispatcher:
         """Deliveries leased to this dispatcher at creation: queue what endpoints may take, send."""
         now = self.ctx.clock()
         surplus = []
+        held = len(self._sends) + self._queued()  # counted once: a pump only moves jobs from a queue to a send
         for job in jobs:
             endpoint = self._endpoint(job.subscription.id)
-            busy = len(self._sends) + self._queued() >= self.max_in_flight
+            busy = held >= self.max_in_flight
             full = self._capacity(endpoint, now) == 0 or len(endpoint.queue) >= self._room(endpoint, now)
             if busy or full or endpoint.backlog:
                 endpoint.backlog = True
                 surplus.append(job.delivery.id)
                 continue
             endpoint.queue.append(job)
+            held += 1
             self._pump(endpoint, now)
         if surplus:  # back to the outbox, for a claim when there is room
             self._background(self.ctx.store.release_deliveries(surplus, self.owner))
@@ -342,7 +344,7 @@ class Dispatcher:
         return endpoint.breaker.capacity(now, limit=self.ctx.settings.delivery_concurrency)
 
     def _full(self, now: float) -> list[str]:
-        """Endpoints that may be given nothing more now: paused, or with a full round queued."""
+        """Endpoints that may be given nothing more now: paused, or with their queue full (`_room`)."""
         return [
             sid
             for sid, endpoint in self._endpoints.items()

@@ -55,7 +55,7 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes "²" and "٣", which float() refuses or misreads
         return float(value)
     try:
         moment = parsedate_to_datetime(value)

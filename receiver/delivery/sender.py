@@ -85,6 +85,34 @@ class GuardedResolver(AbstractResolver):
         return None
 
 
+def guarded_session(
+    guard: UrlGuard | None, *, limit: int, headers: Mapping[str, str], auto_decompress: bool = True
+) -> aiohttp.ClientSession:
+    """An aiohttp session that may only reach what `guard` allows (None: anything): every new
+    connection resolves through the guard (no DNS cache, so no stale answer skips the check),
+    proxies from the environment are ignored (a proxy would connect on the receiver's behalf,
+    past the guard) and no cookies are kept. Deliveries and asset downloads both use it."""
+    connector = aiohttp.TCPConnector(
+        limit=limit,
+        keepalive_timeout=30,
+        use_dns_cache=guard is None,
+        resolver=GuardedResolver(guard) if guard is not None else None,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=auto_decompress,
+        headers=dict(headers),
+    )
+
+
+def guard_refusal(exc: aiohttp.ClientConnectorError) -> UrlNotAllowed | None:
+    """The guard's refusal behind a failed connect (GuardedResolver raised it), if that is what it was."""
+    cause = exc.__cause__ or exc.os_error
+    return cause if isinstance(cause, UrlNotAllowed) else None
+
+
 class AiohttpSender:
     """The default Sender (see the module docstring).
 
@@ -101,19 +129,11 @@ class AiohttpSender:
     def _client(self) -> aiohttp.ClientSession:
         # Built on first use: a session belongs to the running event loop.
         if self._session is None:
-            connector = aiohttp.TCPConnector(
+            self._session = guarded_session(
+                self.guard,
                 limit=self.max_connections,
-                keepalive_timeout=30,
-                # Without the cache every new connection resolves (and is checked) again.
-                use_dns_cache=self.guard is None,
-                resolver=GuardedResolver(self.guard) if self.guard is not None else None,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                trust_env=False,  # a proxy would connect on the receiver's behalf, past the guard
-                cookie_jar=aiohttp.DummyCookieJar(),  # a subscriber's cookies are not kept
-                auto_decompress=False,
                 headers={"user-agent": f"receiver-webhooks/{__version__}"},
+                auto_decompress=False,
             )
         return self._session
 
@@ -137,9 +157,10 @@ class AiohttpSender:
         except UrlNotAllowed as exc:
             return Answer(None, elapsed(), error=f"url_not_allowed: {exc}")
         except aiohttp.ClientConnectorError as exc:
+            refused = guard_refusal(exc)
+            if refused is not None:
+                return Answer(None, elapsed(), error=f"url_not_allowed: {refused}")
             cause = exc.__cause__ or exc.os_error
-            if isinstance(cause, UrlNotAllowed):
-                return Answer(None, elapsed(), error=f"url_not_allowed: {cause}")
             if isinstance(cause, socket.gaierror) or isinstance(exc, aiohttp.ClientConnectorDNSError):
                 return Answer(None, elapsed(), error=f"connection failed: cannot resolve {exc.host}: {cause}")
             return Answer(None, elapsed(), error=f"connection failed: {exc.os_error or exc}")

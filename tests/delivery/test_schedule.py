@@ -49,7 +49,8 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(date, now=now) == pytest.approx(120.0)
     past = format_datetime(datetime.fromtimestamp(now - 120, tz=UTC), usegmt=True)
     assert parse_retry_after(past, now=now) == 0.0
-    for junk in (None, "", "soon", "-5", "1.5e9", "Mon, 99 Foo 2026"):
+    # "²" and "٣" are str.isdigit(); a subscriber's header must never raise (it would end the attempt unrecorded)
+    for junk in (None, "", "soon", "-5", "1.5e9", "Mon, 99 Foo 2026", "²", "1²", "٣"):
         assert parse_retry_after(junk, now=now) is None
 
 
