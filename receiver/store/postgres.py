@@ -382,8 +382,12 @@ class PostgresStore:
             raise StoreError(str(exc)) from exc
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        """A read. A lookup by text PostgreSQL cannot hold (a NUL, e.g. `GET /v1/tasks/%00`) finds
+        nothing, as on SQLite: no stored row holds such text, and it is bad input, not an outage."""
         try:
             return list(await self._require_pool().fetch(sql, *args))
+        except asyncpg.CharacterNotInRepertoireError:
+            return []
         except DRIVER_ERRORS as exc:
             raise StoreError(str(exc)) from exc
 
