@@ -3,8 +3,9 @@
 Pure builders shared by every backend, so SQLite and PostgreSQL write the same
 rows for the same change and only the SQL differs:
 
+    wanted = wanting(EventType.SUCCEEDED, subscribers)  # the subscriptions that want it
     event = new_event(EventType.SUCCEEDED, body, task, now)
-    rows = delivery_rows(event, subscribers)        # the subscriptions that want it
+    rows = delivery_rows(event, wanted)             # a pending delivery for each
     kept = jobs_kept(before, transition)            # None: leave the task's jobs alone
     announce(feed, applied)                         # after commit: publish + wake workers
 """
@@ -103,9 +104,9 @@ def wanting(event_type: EventType, subscribers: Iterable[Row], *, addressed: boo
     return [row for row in subscribers if addressed or matches(tuple(_filters(row["events"])), event_type.value)]
 
 
-def delivery_rows(event: EventRow, subscribers: Iterable[Row], *, addressed: bool = False) -> list[dict[str, Any]]:
-    """A pending delivery, due at once, for each subscriber (rows with `id`, `events`) whose
-    filter takes the event; `addressed`: the event names its subscription, no filter applies."""
+def delivery_rows(event: EventRow, subscribers: Iterable[Row]) -> list[dict[str, Any]]:
+    """A pending delivery, due at once, for each subscriber (rows with `id`): those `wanting`
+    chose, so the filters are read once per event."""
     return [
         {
             "id": new_id("dlv"),
@@ -123,7 +124,6 @@ def delivery_rows(event: EventRow, subscribers: Iterable[Row], *, addressed: boo
             "lease_until": None,
         }
         for row in subscribers
-        if addressed or matches(tuple(_filters(row["events"])), event.type)
     ]
 
 

@@ -955,7 +955,7 @@ async def _insert_event(
         body = task_event_body(event_type, task, now=now)
     event = new_event(event_type, body, task, now)
     await conn.execute(_INSERT_EVENT, *_values(event.params(), EVENT_COLUMNS))
-    rows = delivery_rows(event, wanted, addressed=True)
+    rows = delivery_rows(event, wanted)
     offered: list[DeliveryJob] = []
     if lease is not None:
         first = [await _first_in_line(conn, row) for row in rows]

@@ -582,7 +582,7 @@ def _insert_event(
         body = task_event_body(event_type, task, now=now)
     event = new_event(event_type, body, task, now)
     conn.execute(_INSERT_EVENT, event.params())
-    deliveries = delivery_rows(event, wanted, addressed=True)
+    deliveries = delivery_rows(event, wanted)
     offered: list[DeliveryJob] = []
     if lease is not None:
         first = [_first_in_line(conn, row) for row in deliveries]
