@@ -41,6 +41,10 @@ log = get_logger("receiver.callbacks")
 #: Marks a callback-log entry the receiver fetched itself: "poll" or "sync-response".
 SOURCE_HEADER = "x-receiver-source"
 
+#: The longest upstream task id a callback may name (providers' ids are a few dozen characters;
+#: PostgreSQL cannot index much more than 2 KiB in `tasks_upstream`).
+MAX_UPSTREAM_ID = 256
+
 
 async def load_task(ctx: Context, task_id: str) -> Task:
     task = await ctx.store.get_task(task_id)
@@ -61,6 +65,18 @@ def parse_payload(body: bytes) -> JSON:
     return payload
 
 
+def check_upstream_id(report: Report) -> Report:
+    """400 for an upstream id no database can hold or index alike: a NUL (PostgreSQL text refuses
+    it) or more than MAX_UPSTREAM_ID characters — bad input, never a 503 that makes the provider retry."""
+    named = report.upstream_task_id
+    if named is not None and (len(named) > MAX_UPSTREAM_ID or "\x00" in named):
+        raise InvalidPayload(
+            f"The upstream task id must be at most {MAX_UPSTREAM_ID} characters, without NUL.",
+            details={"limit": MAX_UPSTREAM_ID},
+        )
+    return report
+
+
 async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str, str]) -> Applied:
     """Verify, parse and durably record one callback for the task `claims` names."""
     task_id = claims.subject
@@ -73,7 +89,7 @@ async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str
     dialect = dialect_for(named, payload)
     if named == "auto" and dialect.name in ctx.signatures:  # the payload named a signing dialect
         signature = await ctx.signatures.check(dialect.name, body, headers, task_id=task_id)
-    report = dialect.parse(payload)
+    report = check_upstream_id(dialect.parse(payload))
     if signature is SignatureCheck.UNCHECKED:
         report = report.with_warning(ctx.signatures.warning(dialect.name))
     kept = {k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS}

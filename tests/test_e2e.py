@@ -352,6 +352,20 @@ async def test_callback_urls_for_tasks_submitted_elsewhere(running: Running) -> 
 
 
 @on_every_database
+async def test_upstream_ids_no_database_holds_are_bad_input(running: Running) -> None:
+    """A NUL (PostgreSQL text refuses it) or an id too long to index answered 503 on PostgreSQL,
+    so the provider retried for ever; it is a 400 on every backend and nothing is stored."""
+    for upstream in ["abc\x00def", "0123456789abcdef" * 1000]:
+        minted = (await running.api.post("/v1/callback-urls", json={"provider": "kling"})).json()
+        body = {"task_id": upstream, "task_status": "succeed", "task_status_msg": "",
+                "task_result": {"images": [{"index": 0, "url": "https://cdn.example/a.png"}]}}
+        assert_error(await running.post_callback(minted["callback_url"], body), 400, "invalid_payload")
+        assert (await running.api.get(f"/v1/tasks/{minted['task']['id']}/callbacks")).json()["data"] == []
+        fine = await running.post_callback(minted["callback_url"], {**body, "task_id": "k-1" + upstream[:3]})
+        assert fine.status_code == 200 and fine.json()["duplicate"] is False, fine.text
+
+
+@on_every_database
 async def test_operations_endpoints(running: Running) -> None:
     async with httpx.AsyncClient(base_url=running.url) as anonymous:
         assert (await anonymous.get("/healthz")).json() == {"status": "ok"}

@@ -266,6 +266,21 @@ async def test_listing_filters_and_pages(store: Store) -> None:
     assert [t.id for t in await store.list_tasks(TaskQuery(upstream_task_id=done.upstream_task_id))] == [done.id]
 
 
+
+async def test_lookups_by_text_no_row_can_hold_find_nothing(store: Store) -> None:
+    """PostgreSQL text cannot hold a NUL: such lookups answered 503 store_unavailable there (bad input
+    from a URL or query string, not an outage); on every backend they find nothing."""
+    task = await submitted(store)
+    odd = task.id + "\x00"
+    assert await store.get_task(odd) is None
+    assert await store.list_tasks(TaskQuery(upstream_task_id=odd)) == []
+    assert await store.list_callbacks(odd) == []
+    assert await store.get_subscription("sub_\x00") is None
+    assert await store.get_delivery("dlv_\x00") is None
+    assert await store.list_deliveries(DeliveryQuery(task_id=odd)) == []
+    assert await store.get_task(task.id) == task
+
+
 async def test_tasks_due_for_expiry(store: Store) -> None:
     now = time.time()
     late = make_task(expires_at=now - 1)

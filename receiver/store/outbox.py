@@ -1,11 +1,14 @@
 """What a committed change writes besides the task, and whom it wakes.
 
-Pure builders shared by every backend, so SQLite and PostgreSQL write the same
-rows for the same change and only the SQL differs:
+Pure pieces shared by every backend, so SQLite and PostgreSQL decide the same
+and write the same rows for the same change, and only the SQL differs:
 
+    wanted = wanting(EventType.SUCCEEDED, subscribers)  # the subscriptions that want it
     event = new_event(EventType.SUCCEEDED, body, task, now)
-    rows = delivery_rows(event, subscribers)        # the subscriptions that want it
+    rows = delivery_rows(event, wanted)             # a pending delivery for each
     kept = jobs_kept(before, transition)            # None: leave the task's jobs alone
+    transition = decide_callback(task, report, logged=n, duplicate=seen, max_callbacks=cap, now=now)
+    lease = lease_for(feed, now)                    # deliveries leased at once to the local dispatcher
     announce(feed, applied)                         # after commit: publish + wake workers
 """
 
@@ -20,9 +23,10 @@ import orjson
 from receiver.broadcast import ChangeFeed
 from receiver.events import matches
 from receiver.ids import new_id
+from receiver.quotas import too_many_callbacks
 from receiver.store.base import Applied, DeliveryJob, IncomingCallback, Lease
 from receiver.store.rows import Row, delivery_from_row, dumps, subscription_from_row
-from receiver.tasks import JobSpec, Report, Task, Transition
+from receiver.tasks import JobSpec, Report, Task, Transition, apply_report
 from receiver.types import DeliveryStatus, EventType
 
 #: The worker topics a committed change can wake (ChangeFeed.wake).
@@ -103,9 +107,9 @@ def wanting(event_type: EventType, subscribers: Iterable[Row], *, addressed: boo
     return [row for row in subscribers if addressed or matches(tuple(_filters(row["events"])), event_type.value)]
 
 
-def delivery_rows(event: EventRow, subscribers: Iterable[Row], *, addressed: bool = False) -> list[dict[str, Any]]:
-    """A pending delivery, due at once, for each subscriber (rows with `id`, `events`) whose
-    filter takes the event; `addressed`: the event names its subscription, no filter applies."""
+def delivery_rows(event: EventRow, subscribers: Iterable[Row]) -> list[dict[str, Any]]:
+    """A pending delivery, due at once, for each subscriber (rows with `id`): those `wanting`
+    chose, so the filters are read once per event."""
     return [
         {
             "id": new_id("dlv"),
@@ -123,7 +127,6 @@ def delivery_rows(event: EventRow, subscribers: Iterable[Row], *, addressed: boo
             "lease_until": None,
         }
         for row in subscribers
-        if addressed or matches(tuple(_filters(row["events"])), event.type)
     ]
 
 
@@ -168,6 +171,17 @@ def job_row(task_id: str, spec: JobSpec, now: float) -> dict[str, Any]:
     }
 
 
+def decide_callback(
+    task: Task, report: Report, *, logged: int, duplicate: bool, max_callbacks: int | None, now: float
+) -> Transition:
+    """What a callback does to `task`, which has `logged` callbacks, one of them with this body if
+    `duplicate`: TooManyRequests `too_many_callbacks` (nothing written) once the log holds
+    `max_callbacks`, else `apply_report`'s decision."""
+    if max_callbacks is not None and logged >= max_callbacks:
+        raise too_many_callbacks(task.id, max_callbacks)
+    return apply_report(task, report, now=now, duplicate=duplicate)
+
+
 def callback_row(callback: IncomingCallback, applied: Applied, report: Report) -> dict[str, Any]:
     """The callback log row, with the verdict the transaction reached."""
     return {
@@ -183,6 +197,12 @@ def callback_row(callback: IncomingCallback, applied: Applied, report: Report) -
         "reported_state": None if report.unusable is not None else report.state.value,
         "provider_signature": callback.provider_signature,
     }
+
+
+def lease_for(feed: ChangeFeed, now: float) -> Lease | None:
+    """The lease new deliveries get at once, while a local dispatcher takes offers."""
+    target = feed.offer_lease
+    return Lease(target[0], now + target[1]) if target is not None else None
 
 
 def wakes(applied: Applied) -> tuple[str, ...]:

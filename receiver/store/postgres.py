@@ -44,7 +44,6 @@ from receiver.clock import system_clock
 from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.events import event_body, task_event_body
 from receiver.logs import get_logger
-from receiver.quotas import too_many_callbacks
 from receiver.store import migrations
 from receiver.store.base import (
     Applied,
@@ -71,9 +70,11 @@ from receiver.store.outbox import (
     JOBS,
     announce,
     callback_row,
+    decide_callback,
     delivery_rows,
     job_row,
     jobs_kept,
+    lease_for,
     new_event,
     offer,
     wakes,
@@ -95,7 +96,7 @@ from receiver.store.rows import (
     task_from_row,
     task_params,
 )
-from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, expire
+from receiver.tasks import JobSpec, Report, Task, Transition, expire
 from receiver.types import JSON, Clock, DeliveryStatus, EventType, TaskState
 
 log = get_logger("receiver.store")
@@ -382,8 +383,12 @@ class PostgresStore:
             raise StoreError(str(exc)) from exc
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        """A read. A lookup by text PostgreSQL cannot hold (a NUL, e.g. `GET /v1/tasks/%00`) finds
+        nothing, as on SQLite: no stored row holds such text, and it is bad input, not an outage."""
         try:
             return list(await self._require_pool().fetch(sql, *args))
+        except asyncpg.CharacterNotInRepertoireError:
+            return []
         except DRIVER_ERRORS as exc:
             raise StoreError(str(exc)) from exc
 
@@ -492,16 +497,11 @@ class PostgresStore:
         sql += f" ORDER BY id DESC LIMIT {params.add(query.limit)}"
         return [task_from_row(row) for row in await self._fetch(sql, *params)]
 
-    def _lease(self, now: float) -> Lease | None:
-        """The lease new deliveries get at once, while a local dispatcher takes offers."""
-        target = self.feed.offer_lease
-        return Lease(target[0], now + target[1]) if target is not None else None
-
     async def transition(self, task_id: str, decide: Decide) -> Applied:
         async with self._transaction() as conn:
             task = await _lock_task(conn, task_id)
             moment = self.clock()
-            applied = await _apply(conn, task, decide(task), moment, self._lease(moment))
+            applied = await _apply(conn, task, decide(task), moment, lease_for(self.feed, moment))
             await self._notify_applied(conn, [applied])
         return announce(self.feed, applied)
 
@@ -517,11 +517,11 @@ class PostgresStore:
                 callback.task_id,
                 callback.body_sha256,
             )
-            if max_callbacks is not None and logged >= max_callbacks:
-                raise too_many_callbacks(callback.task_id, max_callbacks)
             moment = self.clock()
-            transition = apply_report(task, report, now=moment, duplicate=duplicate)
-            applied = await _apply(conn, task, transition, moment, self._lease(moment))
+            transition = decide_callback(
+                task, report, logged=logged, duplicate=duplicate, max_callbacks=max_callbacks, now=moment
+            )
+            applied = await _apply(conn, task, transition, moment, lease_for(self.feed, moment))
             await conn.execute(_INSERT_CALLBACK, *_values(callback_row(callback, applied, report), CALLBACK_COLUMNS))
             await self._notify_applied(conn, [applied], notices=[(CALLBACK, callback.task_id, callback.id)])
         self.feed.notice(CALLBACK, callback.task_id, callback.id)
@@ -951,7 +951,7 @@ async def _insert_event(
         body = task_event_body(event_type, task, now=now)
     event = new_event(event_type, body, task, now)
     await conn.execute(_INSERT_EVENT, *_values(event.params(), EVENT_COLUMNS))
-    rows = delivery_rows(event, wanted, addressed=True)
+    rows = delivery_rows(event, wanted)
     offered: list[DeliveryJob] = []
     if lease is not None:
         first = [await _first_in_line(conn, row) for row in rows]

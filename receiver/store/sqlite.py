@@ -26,7 +26,6 @@ from receiver.clock import system_clock
 from receiver.errors import NotFound, StoreError, TaskMismatch
 from receiver.events import event_body, task_event_body
 from receiver.logs import get_logger
-from receiver.quotas import too_many_callbacks
 from receiver.store import migrations
 from receiver.store.base import (
     Applied,
@@ -51,9 +50,11 @@ from receiver.store.outbox import (
     JOB_COLUMNS,
     announce,
     callback_row,
+    decide_callback,
     delivery_rows,
     job_row,
     jobs_kept,
+    lease_for,
     new_event,
     offer,
     wanting,
@@ -74,7 +75,7 @@ from receiver.store.rows import (
     task_params,
 )
 from receiver.store.writer import Op, WriterProcess
-from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, expire
+from receiver.tasks import JobSpec, Report, Task, Transition, expire
 from receiver.types import JSON, TERMINAL_STATES, Clock, DeliveryStatus, EventType, TaskState
 
 log = get_logger("receiver.store")
@@ -151,11 +152,6 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
 
-    def _lease(self, now: float) -> Lease | None:
-        """The lease new deliveries get at once, while a local dispatcher takes offers."""
-        target = self.feed.offer_lease
-        return Lease(target[0], now + target[1]) if target is not None else None
-
     def _published(self, applied: Applied) -> Applied:
         return announce(self.feed, applied)
 
@@ -203,7 +199,7 @@ class SQLiteStore:
     async def transition(self, task_id: str, decide: Decide) -> Applied:
         now = self.clock()
         applied: Applied = await self._write(
-            partial(_transition, task_id=task_id, decide=decide, now=now, lease=self._lease(now))
+            partial(_transition, task_id=task_id, decide=decide, now=now, lease=lease_for(self.feed, now))
         )
         return self._published(applied)
 
@@ -217,7 +213,7 @@ class SQLiteStore:
                 callback=callback,
                 report=report,
                 now=now,
-                lease=self._lease(now),
+                lease=lease_for(self.feed, now),
                 max_callbacks=max_callbacks,
             )
         )
@@ -582,7 +578,7 @@ def _insert_event(
         body = task_event_body(event_type, task, now=now)
     event = new_event(event_type, body, task, now)
     conn.execute(_INSERT_EVENT, event.params())
-    deliveries = delivery_rows(event, wanted, addressed=True)
+    deliveries = delivery_rows(event, wanted)
     offered: list[DeliveryJob] = []
     if lease is not None:
         first = [_first_in_line(conn, row) for row in deliveries]
@@ -625,10 +621,8 @@ def _record_callback(
         "SELECT count(*), coalesce(max(body_sha256 = ?), 0) FROM callbacks WHERE task_id = ?",
         (callback.body_sha256, callback.task_id),
     ).fetchone()
-    if max_callbacks is not None and logged >= max_callbacks:
-        raise too_many_callbacks(callback.task_id, max_callbacks)
-    duplicate = bool(seen)
-    applied = _apply(conn, task, apply_report(task, report, now=now, duplicate=duplicate), now, lease)
+    decided = decide_callback(task, report, logged=logged, duplicate=bool(seen), max_callbacks=max_callbacks, now=now)
+    applied = _apply(conn, task, decided, now, lease)
     conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
 
