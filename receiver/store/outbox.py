@@ -175,11 +175,17 @@ def decide_callback(
     task: Task, report: Report, *, logged: int, duplicate: bool, max_callbacks: int | None, now: float
 ) -> Transition:
     """What a callback does to `task`, which has `logged` callbacks, one of them with this body if
-    `duplicate`: TooManyRequests `too_many_callbacks` (nothing written) once the log holds
-    `max_callbacks`, else `apply_report`'s decision."""
-    if max_callbacks is not None and logged >= max_callbacks:
-        raise too_many_callbacks(task.id, max_callbacks)
+    `duplicate`: once the log holds `max_callbacks`, TooManyRequests `too_many_callbacks` (nothing
+    written) — except for a repeat of a stored callback, which is a duplicate as ever (the contract
+    answers it 200) and is not logged again (`logs_callback`); else `apply_report`'s decision."""
+    if not duplicate and not logs_callback(logged, max_callbacks):
+        raise too_many_callbacks(task.id, max_callbacks or 0)
     return apply_report(task, report, now=now, duplicate=duplicate)
+
+
+def logs_callback(logged: int, max_callbacks: int | None) -> bool:
+    """Whether one more callback goes in a log that holds `logged` (the per-task cap)."""
+    return max_callbacks is None or logged < max_callbacks
 
 
 def callback_row(callback: IncomingCallback, applied: Applied, report: Report) -> dict[str, Any]:

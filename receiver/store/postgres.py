@@ -75,6 +75,7 @@ from receiver.store.outbox import (
     job_row,
     jobs_kept,
     lease_for,
+    logs_callback,
     new_event,
     offer,
     wakes,
@@ -522,7 +523,9 @@ class PostgresStore:
                 task, report, logged=logged, duplicate=duplicate, max_callbacks=max_callbacks, now=moment
             )
             applied = await _apply(conn, task, transition, moment, lease_for(self.feed, moment))
-            await conn.execute(_INSERT_CALLBACK, *_values(callback_row(callback, applied, report), CALLBACK_COLUMNS))
+            if logs_callback(logged, max_callbacks):
+                row = callback_row(callback, applied, report)
+                await conn.execute(_INSERT_CALLBACK, *_values(row, CALLBACK_COLUMNS))
             await self._notify_applied(conn, [applied], notices=[(CALLBACK, callback.task_id, callback.id)])
         self.feed.notice(CALLBACK, callback.task_id, callback.id)
         return announce(self.feed, applied)

@@ -55,6 +55,7 @@ from receiver.store.outbox import (
     job_row,
     jobs_kept,
     lease_for,
+    logs_callback,
     new_event,
     offer,
     wanting,
@@ -623,7 +624,8 @@ def _record_callback(
     ).fetchone()
     decided = decide_callback(task, report, logged=logged, duplicate=bool(seen), max_callbacks=max_callbacks, now=now)
     applied = _apply(conn, task, decided, now, lease)
-    conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
+    if logs_callback(logged, max_callbacks):
+        conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
 
 
