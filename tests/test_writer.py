@@ -36,6 +36,22 @@ def count(conn: sqlite3.Connection) -> int:
     return value
 
 
+def _cannot_be_rebuilt() -> None:
+    raise RuntimeError("this answer does not unpickle")
+
+
+class Unreadable:
+    """Pickles in the writer, fails to unpickle in the receiver."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_cannot_be_rebuilt, ())
+
+
+def insert_unreadable(conn: sqlite3.Connection, *, x: int) -> Unreadable:
+    insert(conn, x=x)
+    return Unreadable()
+
+
 def pid_of_writer(writer: WriterProcess) -> int:
     assert writer._pid is not None
     return writer._pid
@@ -147,3 +163,19 @@ async def test_the_api_answers_503_while_the_writer_is_replaced(tmp_path: Path) 
                 break
             await asyncio.sleep(0.005)
         assert statuses <= {201, 503} and 201 in statuses
+
+
+async def test_an_answer_that_cannot_be_read_fails_its_caller_alone(tmp_path: Path) -> None:
+    writer = await started(tmp_path / "w.db")
+    try:
+        outcomes = await asyncio.gather(
+            writer.run(partial(insert, x=1)),
+            writer.run(partial(insert_unreadable, x=2)),
+            writer.run(partial(insert, x=3)),
+            return_exceptions=True,
+        )
+        assert outcomes[0] == 1 and outcomes[2] == 3
+        assert isinstance(outcomes[1], StoreError) and "unreadable store result" in str(outcomes[1])
+        assert await writer.run(count) == 3  # the write stood; the writer goes on
+    finally:
+        await writer.stop()

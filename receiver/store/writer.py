@@ -232,7 +232,10 @@ class WriterProcess:
                 replies = await _read_frame(reader)
                 futures = self._inflight.popleft()
                 for future, reply in zip(futures, replies, strict=True):
-                    ok, value = pickle.loads(reply)
+                    try:
+                        ok, value = pickle.loads(reply)
+                    except Exception as exc:  # an answer that cannot be rebuilt fails its caller alone
+                        ok, value = False, StoreError(f"unreadable store result: {exc!r}")
                     if future.done():  # the caller went away; the write stands
                         continue
                     if ok:
