@@ -270,8 +270,9 @@ class ProviderError(ReceiverError):
 class AssetUnavailable(ReceiverError):
     """An image the receiver was to keep could not be downloaded (receiver.mirror).
 
-    `code`: download_failed, asset_too_large, not_an_image or url_not_allowed; `retryable`: the
-    reason may pass (a timeout, a refused connection, 5xx, 429), so trying again later makes sense.
+    `code`: download_failed, asset_too_large, not_an_image, url_not_allowed or asset_store_failed
+    (the disk); `retryable`: the reason may pass (a timeout, a refused connection, 5xx, 429, a full
+    disk), so trying again later makes sense.
     """
 
     def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:

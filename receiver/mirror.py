@@ -220,7 +220,11 @@ class Mirror:
             data = await self.downloader.fetch(url)
         except AssetUnavailable as exc:
             return exc
-        return assets.url(await assets.put(data))
+        try:
+            return assets.url(await assets.put(data))
+        except OSError as exc:  # the disk, not the image: tried again on the schedule, then given up
+            log.error("mirror.store_failed", error=repr(exc)[:200])
+            return AssetUnavailable("asset_store_failed", f"the image could not be written: {exc}", retryable=True)
 
     async def aclose(self) -> None:
         await self.downloader.aclose()

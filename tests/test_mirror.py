@@ -162,6 +162,28 @@ async def test_unreachable_images_are_tried_a_few_times_then_given_up(
     assert image["asset_error"]["code"] == "download_failed" and task["result"]["mirror"] == "failed"
 
 
+async def test_a_disk_that_cannot_take_the_image_is_tried_again_then_given_up(
+    tmp_path: Path, fake_provider: tuple[FakeProvider, str], logs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(time.time())
+    async with sink() as (subscriber, hook), mirroring(tmp_path, fake_provider, clock=clock) as running:
+
+        async def full(data: bytes) -> str:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(running.ctx.assets, "put", full)
+        await subscribe(running, hook)
+        task_id = await post_images(running, fake_provider[1], "")
+        while not await succeeded_events(subscriber, task_id):
+            await asyncio.sleep(0.05)
+            clock.advance(31)
+            running.ctx.store.feed.wake("jobs")
+        task = await announced(subscriber, task_id)
+    assert len(logs.events("mirror.retry")) == 3 and len(logs.events("mirror.store_failed")) == 4
+    [image] = task["result"]["images"]
+    assert image["asset_error"]["code"] == "asset_store_failed" and task["result"]["mirror"] == "failed"
+
+
 async def test_a_retried_image_that_comes_back_is_kept(tmp_path: Path, fake_provider: tuple[FakeProvider, str]) -> None:
     clock = FakeClock()
     async with mirroring(tmp_path, fake_provider, clock=clock) as running:
