@@ -145,6 +145,13 @@ async def record(
     return applied
 
 
+async def record_answer(ctx: Context, task_id: str, answer: Answer, source: str, report: Report) -> Applied:
+    """`record` an answer the receiver fetched itself (a poll, a synchronous call), logged like a
+    callback with `x-receiver-source: <source>`."""
+    headers = {"content-type": answer.content_type or "application/json", SOURCE_HEADER: source}
+    return await record(ctx, task_id, logged_body(answer), headers, report)
+
+
 def logged_body(answer: Answer) -> bytes:
     """What the callback log keeps of an answer the receiver fetched: the body as received, but
     inline images (`b64_json`) reduced to a note, since their bytes go to the asset store."""

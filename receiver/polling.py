@@ -28,7 +28,7 @@ import orjson
 from receiver.config import Settings
 from receiver.context import Context
 from receiver.errors import InvalidPayload, ProviderError, ReceiverError, TaskMismatch
-from receiver.ingest import SOURCE_HEADER, logged_body, record
+from receiver.ingest import SOURCE_HEADER, record, record_answer
 from receiver.jobs import DONE, Outcome, again
 from receiver.logs import get_logger
 from receiver.store.base import Job
@@ -89,9 +89,8 @@ async def poll_once(ctx: Context, job: Job) -> Outcome:
     payload.pop("failed_with", None)
     log.info("poll.answered", task_id=task.id, provider=task.provider, attempt=attempt, state=report.state.value)
     if report.state.value != job.payload.get("reported"):
-        headers = {"content-type": answer.content_type or "application/json", SOURCE_HEADER: "poll"}
         try:
-            applied = await record(ctx, task.id, logged_body(answer), headers, report)
+            applied = await record_answer(ctx, task.id, answer, "poll", report)
         except (TaskMismatch, InvalidPayload) as exc:
             log.warning("poll.unusable", task_id=task.id, provider=task.provider, error=str(exc)[:300])
             return again(ctx.clock() + delay, payload)

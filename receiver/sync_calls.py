@@ -22,7 +22,7 @@ from functools import partial
 
 from receiver.context import Context
 from receiver.errors import InvalidPayload, ProviderError
-from receiver.ingest import SOURCE_HEADER, logged_body, record
+from receiver.ingest import record_answer
 from receiver.jobs import DONE, Outcome, hand_back
 from receiver.logs import get_logger
 from receiver.store.base import Job
@@ -83,9 +83,8 @@ async def call_once(ctx: Context, job: Job) -> Outcome:
         await asyncio.shield(_fail(ctx, task.id, INTERRUPTED))
         raise
     ctx.metrics.submissions.labels(task.provider, "accepted").inc()
-    headers = {"content-type": answer.content_type or "application/json", SOURCE_HEADER: "sync-response"}
     try:
-        await record(ctx, task.id, logged_body(answer), headers, report)
+        await record_answer(ctx, task.id, answer, "sync-response", report)
     except InvalidPayload as exc:  # an inline image that does not decode
         await _fail(ctx, task.id, _garbled(task.provider, str(exc)))
     return DONE
