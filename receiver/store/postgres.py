@@ -91,6 +91,7 @@ from receiver.store.rows import (
     delivery_from_row,
     dumps,
     job_from_row,
+    page_query,
     subscription_from_row,
     subscription_params,
     task_changes,
@@ -187,12 +188,9 @@ def _rowcount(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-class _Params(list[Any]):
-    """Numbered placeholders for a query built piece by piece: `f"id < {params.add(x)}"`."""
-
-    def add(self, value: Any) -> str:
-        self.append(value)
-        return f"${len(self)}"
+def _numbered(n: int) -> str:
+    """PostgreSQL's n-th query parameter."""
+    return f"${n}"
 
 
 _INSERT_TASK = _insert("tasks", TASK_COLUMNS)
@@ -480,22 +478,12 @@ class PostgresStore:
         return task_from_row(rows[0]) if rows else None
 
     async def list_tasks(self, query: TaskQuery) -> list[Task]:
-        params = _Params()
-        where = [
-            f"{column} = {params.add(value)}"
-            for column, value in (
-                ("upstream_task_id", query.upstream_task_id),
-                ("state", query.state.value if query.state else None),
-                ("provider", query.provider),
-            )
-            if value is not None
-        ]
-        if query.before_id:
-            where.append(f"id < {params.add(query.before_id)}")
-        sql = "SELECT * FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY id DESC LIMIT {params.add(query.limit)}"
+        filters = {
+            "upstream_task_id": query.upstream_task_id,
+            "state": query.state.value if query.state else None,
+            "provider": query.provider,
+        }
+        sql, params = page_query("tasks", filters, query.before_id, query.limit, _numbered)
         return [task_from_row(row) for row in await self._fetch(sql, *params)]
 
     async def transition(self, task_id: str, decide: Decide) -> Applied:
@@ -733,22 +721,12 @@ class PostgresStore:
         return found[0] if found else None
 
     async def list_deliveries(self, query: DeliveryQuery) -> list[Delivery]:
-        params = _Params()
-        where = [
-            f"{column} = {params.add(value)}"
-            for column, value in (
-                ("subscription_id", query.subscription_id),
-                ("task_id", query.task_id),
-                ("status", query.status.value if query.status else None),
-            )
-            if value is not None
-        ]
-        if query.before_id:
-            where.append(f"id < {params.add(query.before_id)}")
-        sql = "SELECT * FROM deliveries"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY id DESC LIMIT {params.add(query.limit)}"
+        filters = {
+            "subscription_id": query.subscription_id,
+            "task_id": query.task_id,
+            "status": query.status.value if query.status else None,
+        }
+        sql, params = page_query("deliveries", filters, query.before_id, query.limit, _numbered)
         return await self._deliveries(sql, params)
 
     async def _deliveries(self, sql: str, params: Sequence[Any]) -> list[Delivery]:

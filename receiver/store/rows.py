@@ -6,7 +6,7 @@ JSON columns hold text in every backend.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -219,3 +219,30 @@ def job_from_row(row: Row) -> Job:
         attempts=row["attempts"],
         payload=_loads(row["payload"]),
     )
+
+
+def page_query(
+    table: str,
+    filters: Mapping[str, Any],
+    before_id: str | None,
+    limit: int,
+    placeholder: Callable[[int], str] = lambda n: "?",
+) -> tuple[str, list[Any]]:
+    """`SELECT * FROM table` where each given filter equals its value, newest first (ids sort by
+    creation time), after the cursor `before_id`; `placeholder(n)` writes the n-th parameter
+    (`?` for SQLite, `$n` for PostgreSQL)."""
+    where: list[str] = []
+    params: list[Any] = []
+
+    def add(condition: str, value: Any) -> None:
+        params.append(value)
+        where.append(f"{condition} {placeholder(len(params))}")
+
+    for column, value in filters.items():
+        if value is not None:
+            add(f"{column} =", value)
+    if before_id:
+        add("id <", before_id)
+    params.append(limit)
+    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "")
+    return f"{sql} ORDER BY id DESC LIMIT {placeholder(len(params))}", params

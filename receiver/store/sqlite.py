@@ -69,6 +69,7 @@ from receiver.store.rows import (
     delivery_from_row,
     dumps,
     job_from_row,
+    page_query,
     subscription_from_row,
     subscription_params,
     task_changes,
@@ -194,7 +195,7 @@ class SQLiteStore:
             "state": query.state.value if query.state else None,
             "provider": query.provider,
         }
-        sql, params = _page("tasks", filters, query.before_id, query.limit)
+        sql, params = page_query("tasks", filters, query.before_id, query.limit)
         return [task_from_row(row) for row in await self._read(sql, params)]
 
     async def transition(self, task_id: str, decide: Decide) -> Applied:
@@ -328,7 +329,7 @@ class SQLiteStore:
             "task_id": query.task_id,
             "status": query.status.value if query.status else None,
         }
-        sql, params = _page("deliveries", filters, query.before_id, query.limit)
+        sql, params = page_query("deliveries", filters, query.before_id, query.limit)
         return await self._deliveries(sql, params)
 
     async def _deliveries(self, sql: str, params: Sequence[Any]) -> list[Delivery]:
@@ -411,18 +412,6 @@ class SQLiteStore:
         pending = await self._read("SELECT count(*) AS n FROM deliveries WHERE status = 'pending'")
         jobs = {row["kind"]: row["n"] for row in await self._read("SELECT kind, count(*) AS n FROM jobs GROUP BY kind")}
         return {"tasks": tasks, "pending_deliveries": pending[0]["n"], "jobs": jobs}
-
-
-def _page(table: str, filters: dict[str, Any], before_id: str | None, limit: int) -> tuple[str, list[Any]]:
-    """`SELECT * FROM table` where each given filter equals its value, newest first (ids sort by
-    creation time), after the cursor `before_id`."""
-    where = [f"{column} = ?" for column, value in filters.items() if value is not None]
-    params: list[Any] = [value for value in filters.values() if value is not None]
-    if before_id:
-        where.append("id < ?")
-        params.append(before_id)
-    sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-    return sql, [*params, limit]
 
 
 # --- operations run by the writer process ---------------------------------------
