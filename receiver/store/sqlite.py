@@ -85,6 +85,16 @@ log = get_logger("receiver.store")
 _MAX_BATCH = 512
 _OPEN_STATES = tuple(s.value for s in TaskState if s not in TERMINAL_STATES)
 
+#: Open tasks whose time is up, soonest first (`?`: now, limit). The states are written out and
+#: the index named: with `state IN (?, ?, ?)` SQLite cannot tell the query stays inside the
+#: partial index `tasks_open_expiry`, and it walked every open task through `tasks_state` and
+#: sorted them instead (100 ms of the writer's time every 5 s at 300,000 open tasks).
+DUE_FOR_EXPIRY = (
+    "FROM tasks INDEXED BY tasks_open_expiry"
+    f" WHERE state IN ({', '.join(repr(state) for state in _OPEN_STATES)}) AND expires_at <= ?"
+    " ORDER BY expires_at LIMIT ?"
+)
+
 
 class SQLiteStore:
     """The embedded default store (see the module docstring)."""
@@ -227,11 +237,7 @@ class SQLiteStore:
         return [callback_from_row(row) for row in rows]
 
     async def tasks_due_for_expiry(self, now: float, limit: int) -> list[str]:
-        marks = ",".join("?" * len(_OPEN_STATES))
-        rows = await self._read(
-            f"SELECT id FROM tasks WHERE state IN ({marks}) AND expires_at <= ? ORDER BY expires_at LIMIT ?",
-            (*_OPEN_STATES, now, limit),
-        )
+        rows = await self._read("SELECT id " + DUE_FOR_EXPIRY, (now, limit))
         return [row["id"] for row in rows]
 
     async def expire_tasks(self, now: float, limit: int) -> list[Applied]:
@@ -520,16 +526,17 @@ def _apply(
             offered += leased
     kept = jobs_kept(before, transition)
     if kept is not None:
-        marks = ",".join("?" * len(kept))
-        conn.execute(
-            f"DELETE FROM jobs WHERE task_id = ? AND kind NOT IN ({marks})"
-            if kept
-            else "DELETE FROM jobs WHERE task_id = ?",
-            (new.id, *kept),
-        )
+        conn.execute(delete_jobs_sql(len(kept)), (new.id, *kept))
     for spec in transition.jobs:
         _schedule_job(conn, task_id=new.id, spec=spec, now=now)
     return Applied(new, transition, deliveries, tuple(offered))
+
+
+@lru_cache(maxsize=16)
+def delete_jobs_sql(kept: int) -> str:
+    """Delete a task's jobs but for `kept` kinds (`?`: the task id, then the kinds)."""
+    sql = "DELETE FROM jobs WHERE task_id = ?"
+    return sql + f" AND kind NOT IN ({','.join('?' * kept)})" if kept else sql
 
 
 @lru_cache(maxsize=256)
@@ -620,11 +627,7 @@ def _record_callback(
 
 def _expire_tasks(conn: sqlite3.Connection, *, now: float, limit: int) -> list[Applied]:
     # One writer: nobody else can be expiring these tasks at the same time.
-    marks = ",".join("?" * len(_OPEN_STATES))
-    rows = conn.execute(
-        f"SELECT * FROM tasks WHERE state IN ({marks}) AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
-        (*_OPEN_STATES, now, limit),
-    ).fetchall()
+    rows = conn.execute("SELECT * " + DUE_FOR_EXPIRY, (now, limit)).fetchall()
     return [_apply(conn, task, expire(task, now=now), now) for task in map(task_from_row, rows)]
 
 
