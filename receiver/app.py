@@ -25,6 +25,7 @@ from receiver import __version__, polling, sync_calls
 from receiver.assets import AssetStore
 from receiver.auth import ApiKeys, BearerAuth
 from receiver.clock import system_clock
+from receiver.collector import settle_collector
 from receiver.config import Settings, ensure_secrets
 from receiver.context import Context
 from receiver.delivery.dispatcher import Dispatcher
@@ -169,4 +170,6 @@ def app_from_env() -> Starlette:
     """The factory each worker process of `receiver serve --workers N` calls."""
     settings = Settings.from_env(os.environ)
     configure_logging(settings.log_level)
-    return create_app(settings)
+    app = create_app(settings)
+    settle_collector()  # uvicorn runs its own server class in each worker (cf. receiver.server.Server)
+    return app
