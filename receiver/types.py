@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import enum
+from operator import attrgetter
 from typing import Any, ClassVar, Protocol, Self
 
 JSON = dict[str, Any]
 
 
-class TaskState(enum.StrEnum):
+class _Enum(enum.StrEnum):
+    """Pickled by name (`TaskState.SUCCEEDED`): rebuilding one in the other process is an attribute
+    lookup, where Enum's own pickling runs `TaskState("succeeded")` through Python code."""
+
+    def __reduce_ex__(self, protocol: Any) -> str:  # type: ignore[override]
+        return f"{type(self).__qualname__}.{self._name_}"
+
+
+class TaskState(_Enum):
     QUEUED = "queued"
     SUBMITTED = "submitted"
     RUNNING = "running"
@@ -25,7 +34,7 @@ class TaskState(enum.StrEnum):
 TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.EXPIRED, TaskState.CANCELLED})
 
 
-class EventType(enum.StrEnum):
+class EventType(_Enum):
     SUBMITTED = "task.submitted"
     RUNNING = "task.running"
     SUCCEEDED = "task.succeeded"
@@ -50,18 +59,22 @@ _STATE_EVENTS = {
 }
 
 
-class DeliveryStatus(enum.StrEnum):
+class DeliveryStatus(_Enum):
     PENDING = "pending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
 
-class Verdict(enum.StrEnum):
+class Verdict(_Enum):
     """What the receiver made of one callback."""
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     IGNORED = "ignored"
+
+
+#: Per Value class, one C-level getter of every field (and of the class, so it always gives a tuple).
+_FIELDS: dict[type, attrgetter[Any]] = {}
 
 
 class Value:
@@ -73,7 +86,9 @@ class Value:
     __dataclass_fields__: ClassVar[dict[str, Any]]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), tuple(getattr(self, name) for name in self.__dataclass_fields__))
+        cls = type(self)
+        fields = _FIELDS.get(cls) or _FIELDS.setdefault(cls, attrgetter(*cls.__dataclass_fields__, "__class__"))
+        return (cls, fields(self)[:-1])
 
     def replace(self, **changes: Any) -> Self:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
