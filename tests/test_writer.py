@@ -94,6 +94,31 @@ async def test_a_failing_operation_is_undone_alone_and_keeps_its_error(tmp_path:
         await writer.stop()
 
 
+def temp_store(conn: sqlite3.Connection) -> int:
+    value: int = conn.execute("PRAGMA temp_store").fetchone()[0]
+    return value
+
+
+async def test_savepoints_larger_than_sqlites_spill_threshold_are_undone_from_memory(tmp_path: Path) -> None:
+    """Each operation's savepoint journal is kept in memory (no temporary files, no writable temp
+    folder needed), and rolling one back still works when a batch's journals pass 64 KiB."""
+    writer = await started(tmp_path / "w.db")
+    try:
+        assert await writer.run(temp_store) == 2  # MEMORY
+        big = "x" * 16_384
+        outcomes = await asyncio.gather(
+            *(writer.run(partial(insert, x=i, label=big)) for i in range(40)),
+            writer.run(partial(insert_then_fail, x=1000)),
+            *(writer.run(partial(insert, x=i, label=big)) for i in range(40, 80)),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[40], NotFound)
+        assert [o for o in outcomes if not isinstance(o, Exception)] == list(range(80))
+        assert await writer.run(count) == 80
+    finally:
+        await writer.stop()
+
+
 async def test_operations_must_be_picklable(tmp_path: Path) -> None:
     writer = await started(tmp_path / "w.db")
     try:

@@ -118,6 +118,11 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA cache_size=-16384")  # 16 MiB of pages (SQLite's default is 2 MiB)
+    # A batch runs each operation in a savepoint; the pages those touch are journalled for a
+    # rollback. Past 64 KiB SQLite spilled that journal to a temporary file (a dozen writes per
+    # callback at batches of 50, and a writable temp folder needed); in memory it stays, bounded
+    # by the batch (_MAX_BATCH, _MAX_FRAME).
+    conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
 
