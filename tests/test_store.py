@@ -461,6 +461,25 @@ async def test_deliveries_first_in_line_are_leased_at_creation_when_offered(stor
     assert len(await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)) == 1
 
 
+async def test_an_events_deliveries_are_offered_by_their_own_subscriptions_line(store: Store) -> None:
+    early = await store.create_subscription(subscription())
+    offered: list = []
+    store.feed.take_offers("me", 30.0, offered.extend)
+    try:
+        task = await submitted(store)  # early's task.submitted: offered, still pending
+        late = await store.create_subscription(subscription())
+        offered.clear()
+        applied = await store.transition(
+            task.id, partial(apply_report, report=Report(TaskState.RUNNING), now=time.time())
+        )
+        # early's task.running waits behind its task.submitted; late has nothing pending: it goes.
+        assert applied.deliveries == 2
+        assert [(job.subscription.id, job.delivery.event_type) for job in offered] == [(late.id, "task.running")]
+    finally:
+        store.feed.stop_taking_offers()
+    assert early.id != late.id
+
+
 async def test_claims_skip_excluded_subscriptions(store: Store) -> None:
     busy = await store.create_subscription(subscription())
     free = await store.create_subscription(subscription())
@@ -800,6 +819,25 @@ async def test_postgres_schema_from_the_search_path() -> None:
                 assert tables == 9
         finally:
             await admin.close()
+
+
+@needs_postgres
+async def test_postgres_pooled_connections_come_back_without_a_reset_round_trip() -> None:
+    """A connection given back to the pool is not reset (RESET ALL, UNLISTEN *, …: a round trip per
+    request, with no session state of ours to undo); a transaction left open on it is still rolled back."""
+    async with postgres_database() as url, opened(PostgresStore(url + "&pool_size=1")) as store:
+        pool = store._pool
+        assert pool is not None
+        async with pool.acquire() as conn:
+            server = conn.get_server_pid()
+            await conn.execute("SET application_name = 'left-as-it-was'")
+            await conn.execute("BEGIN")
+            await conn.execute("DELETE FROM schema_migrations")
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() == server
+            assert await conn.fetchval("SHOW application_name") == "left-as-it-was"  # no reset ran
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(migrations.load("postgres"))
 
 
 @needs_postgres

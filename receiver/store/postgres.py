@@ -68,6 +68,7 @@ from receiver.store.outbox import (
     EVENT_COLUMNS,
     JOB_COLUMNS,
     JOBS,
+    EventRow,
     announce,
     callback_row,
     decide_callback,
@@ -297,6 +298,7 @@ class PostgresStore:
                 # A transaction whose instance vanished (a lost machine, not just a killed process)
                 # must not hold its task's row lock for hours: the server ends it.
                 server_settings=self._server_settings("receiver", idle_in_transaction_session_timeout="60s"),
+                reset=_keep_session,
             )
         except DRIVER_ERRORS as exc:  # never echo the URL: it may carry a password
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -861,6 +863,14 @@ class PostgresStore:
 # --- pieces of transactions ------------------------------------------------------
 
 
+async def _keep_session(conn: Any) -> None:
+    """What the pool runs on a connection given back, besides asyncpg's own rollback of a
+    transaction left open: nothing. Pooled connections hold no session state to undo (the
+    listener has its own connection, the migration lock is transaction-level, settings are the
+    connection's startup ones), so the default reset (RESET ALL, UNLISTEN *, …) was a round trip
+    per request for nothing."""
+
+
 async def _lock_task(conn: Any, task_id: str) -> Task:
     row = await conn.fetchrow("SELECT * FROM tasks WHERE id = $1 FOR UPDATE", task_id)
     if row is None:
@@ -935,24 +945,25 @@ async def _insert_event(
     rows = delivery_rows(event, wanted)
     offered: list[DeliveryJob] = []
     if lease is not None:
-        first = [await _first_in_line(conn, row) for row in rows]
-        offered = offer(rows, list(wanted), first, lease, body)
+        offered = offer(rows, list(wanted), await _first_in_line(conn, event, rows), lease, body)
     await conn.executemany(_INSERT_DELIVERY, [_values(row, DELIVERY_COLUMNS) for row in rows])
     return len(rows), offered
 
 
-async def _first_in_line(conn: Any, row: dict[str, Any]) -> bool:
-    """No earlier event of the same task is pending for the same subscription."""
-    if row["task_id"] is None:
-        return True
-    earlier = await conn.fetchval(
-        "SELECT 1 FROM deliveries WHERE status = 'pending' AND subscription_id = $1 AND task_id = $2"
-        " AND sequence < $3 LIMIT 1",
-        row["subscription_id"],
-        row["task_id"],
-        row["sequence"],
+async def _first_in_line(conn: Any, event: EventRow, rows: Sequence[dict[str, Any]]) -> list[bool]:
+    """For each of an event's deliveries: no earlier event of the same task is pending for the
+    same subscription. One query for all of them (not a round trip per subscriber)."""
+    if event.task_id is None:
+        return [True] * len(rows)
+    waiting = await conn.fetch(
+        "SELECT DISTINCT subscription_id FROM deliveries WHERE status = 'pending' AND task_id = $1"
+        " AND sequence < $2 AND subscription_id = ANY($3::text[])",
+        event.task_id,
+        event.sequence,
+        [row["subscription_id"] for row in rows],
     )
-    return earlier is None
+    behind = {record["subscription_id"] for record in waiting}
+    return [row["subscription_id"] not in behind for row in rows]
 
 
 async def _schedule_job(conn: Any, task_id: str, spec: JobSpec, now: float) -> Job:
