@@ -29,7 +29,7 @@ from receiver.store.base import (
     Subscription,
     TaskQuery,
 )
-from receiver.store.postgres import ConnectTarget, PostgresStore, parse_url
+from receiver.store.postgres import ConnectTarget, PostgresStore, _shifted, parse_url
 from receiver.store.sqlite import SQLiteStore
 from receiver.tasks import (
     MIRROR,
@@ -839,6 +839,37 @@ async def test_postgres_pooled_connections_come_back_without_a_reset_round_trip(
             assert await conn.fetchval("SHOW application_name") == "left-as-it-was"  # no reset ran
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(migrations.load("postgres"))
+
+
+@needs_postgres
+async def test_postgres_a_callback_costs_six_round_trips() -> None:
+    """Begin; lock the task; count its callbacks; read its subscribers; every write (the task, its
+    jobs, the callback log, the notification) as one statement; commit. Each trip costs the request
+    loop tens of microseconds, so this guards ingest on PostgreSQL against a statement creeping in."""
+    async with postgres_database() as url, opened(PostgresStore(url + "&pool_size=1")) as store:
+        task = await submitted(store)
+        queries: list[str] = []
+        assert store._pool is not None
+        async with store._pool.acquire() as conn:  # the pool's only connection: it logs every query
+            conn.add_query_logger(lambda record: queries.append(record.query))
+        await store.record_callback(callback(task), succeeded(task.upstream_task_id))
+        assert [query.split()[0].rstrip(";") for query in queries] == [
+            "BEGIN",
+            "SELECT",
+            "SELECT",
+            "SELECT",
+            "WITH",
+            "COMMIT",
+        ]
+        assert (await store.get_task(task.id)).state is TaskState.SUCCEEDED  # type: ignore[union-attr]
+        assert len(await store.list_callbacks(task.id)) == 1
+
+
+def test_postgres_batched_writes_renumber_their_placeholders() -> None:
+    assert _shifted("UPDATE t SET a = $2 WHERE id = $1 AND b = ANY($12::text[])", 3) == (
+        "UPDATE t SET a = $5 WHERE id = $4 AND b = ANY($15::text[])"
+    )
+    assert _shifted("SELECT $1", 0) == "SELECT $1"
 
 
 @needs_postgres

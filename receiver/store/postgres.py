@@ -403,25 +403,39 @@ class PostgresStore:
     ) -> None:
         """Tell the other instances, on commit, which tasks changed, which workers have work and
         what their watchers should hear of (`notices`: kind, task id, id; see ChangeFeed.notice)."""
+        await _Writes().run(conn, self._notification(tasks=tasks, wake=wake, notices=notices))
+
+    def _notification(
+        self,
+        *,
+        tasks: Sequence[str] = (),
+        wake: Iterable[str] = (),
+        notices: Sequence[tuple[str, str | None, str]] = (),
+    ) -> Statement | None:
+        """The `pg_notify` statement `_notify` runs (None: nothing to say)."""
         topics = sorted(set(wake))
         if not tasks and not topics and not notices:
-            return
+            return None
         chunks = [tasks[i : i + _NOTIFY_IDS] for i in range(0, len(tasks), _NOTIFY_IDS)] or [()]
         messages: list[dict[str, Any]] = [{"from": self.instance, "tasks": list(ids), "wake": topics} for ids in chunks]
         if notices:
             messages[0]["notices"] = [list(notice) for notice in notices]
         payloads = [orjson.dumps(message).decode() for message in messages]
-        await conn.execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", self.channel, payloads)
+        return "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", (self.channel, payloads)
 
-    async def _notify_applied(
-        self, conn: Any, applied: Sequence[Applied], *, notices: Sequence[tuple[str, str | None, str]] = ()
-    ) -> None:
-        await self._notify(
-            conn,
+    def _applied_notification(
+        self, applied: Sequence[Applied], *, notices: Sequence[tuple[str, str | None, str]] = ()
+    ) -> Statement | None:
+        return self._notification(
             tasks=[a.task.id for a in applied if a.transition.changed],
             wake=[topic for a in applied for topic in wakes(a)],
             notices=notices,
         )
+
+    async def _notify_applied(
+        self, conn: Any, applied: Sequence[Applied], *, notices: Sequence[tuple[str, str | None, str]] = ()
+    ) -> None:
+        await _Writes().run(conn, self._applied_notification(applied, notices=notices))
 
     # Tasks ---------------------------------------------------------------------
     async def create_task(
@@ -512,11 +526,12 @@ class PostgresStore:
             transition = decide_callback(
                 task, report, logged=logged, duplicate=duplicate, max_callbacks=max_callbacks, now=moment
             )
-            applied = await _apply(conn, task, transition, moment, lease_for(self.feed, moment))
+            writes = _Writes()  # the task's update, its jobs' removal, the log entry, the notification: one trip
+            applied = await _apply(conn, task, transition, moment, lease_for(self.feed, moment), writes)
             if logs_callback(logged, max_callbacks):
-                row = callback_row(callback, applied, report)
-                await conn.execute(_INSERT_CALLBACK, *_values(row, CALLBACK_COLUMNS))
-            await self._notify_applied(conn, [applied], notices=[(CALLBACK, callback.task_id, callback.id)])
+                writes.add(_INSERT_CALLBACK, *_values(callback_row(callback, applied, report), CALLBACK_COLUMNS))
+            notices = [(CALLBACK, callback.task_id, callback.id)]
+            await writes.run(conn, self._applied_notification([applied], notices=notices))
         self.feed.notice(CALLBACK, callback.task_id, callback.id)
         return announce(self.feed, applied)
 
@@ -888,16 +903,25 @@ async def _idempotent(conn: Any, idempotency: IdempotencyKey) -> CreatedTask | N
     return CreatedTask(task_from_row(row), created=False, same_request=row["fingerprint"] == idempotency.fingerprint)
 
 
-async def _apply(conn: Any, before: Task, transition: Transition, now: float, lease: Lease | None = None) -> Applied:
+async def _apply(
+    conn: Any,
+    before: Task,
+    transition: Transition,
+    now: float,
+    lease: Lease | None = None,
+    writes: _Writes | None = None,
+) -> Applied:
+    """Write a transition. The task's update and the removal of its jobs go into `writes` when
+    given (the caller runs them, with writes of its own), else they run here, together."""
     new = transition.task
     if new is None:
         return Applied(before, transition)
+    pending = writes if writes is not None else _Writes()
     changes = task_changes(before, new)
     if changes:
-        try:
-            await conn.execute(_update_task_sql(tuple(changes)), new.id, *changes.values())
-        except asyncpg.UniqueViolationError as exc:  # another task already owns that upstream id
-            raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id) from exc
+        pending.add(_update_task_sql(tuple(changes)), new.id, *changes.values())
+        # A unique violation means another task already owns that upstream id.
+        pending.mismatch = TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id)
     deliveries = 0
     offered: list[DeliveryJob] = []
     if transition.events:
@@ -906,12 +930,63 @@ async def _apply(conn: Any, before: Task, transition: Transition, now: float, le
             written, leased = await _insert_event(conn, event_type, new, now, subscribers, lease=lease)
             deliveries += written
             offered += leased
-    kept = jobs_kept(before, transition)
-    if kept is not None:
-        await conn.execute("DELETE FROM jobs WHERE task_id = $1 AND kind <> ALL($2::text[])", new.id, list(kept))
     for spec in transition.jobs:
         await _schedule_job(conn, new.id, spec, now)
+    kept = jobs_kept(before, transition)
+    if kept is not None:  # the jobs just scheduled are of the kinds kept
+        pending.add("DELETE FROM jobs WHERE task_id = $1 AND kind <> ALL($2::text[])", new.id, list(kept))
+    if writes is None:
+        await pending.run(conn)
     return Applied(new, transition, deliveries, tuple(offered))
+
+
+#: A statement and its arguments.
+Statement = tuple[str, Sequence[Any]]
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+class _Writes:
+    """Statements whose results nobody reads, sent as one: each becomes a data-modifying CTE
+    (PostgreSQL runs those whether or not anything reads them) of one closing SELECT, so a
+    transaction's writes cost one round trip rather than one each. They see the same snapshot,
+    so none may depend on another's effect.
+
+        writes = _Writes()
+        writes.add("UPDATE tasks SET state = $2 WHERE id = $1", task_id, "succeeded")
+        writes.add("DELETE FROM jobs WHERE task_id = $1", task_id)
+        await writes.run(conn)   # WITH w0 AS (UPDATE …), w1 AS (DELETE …) SELECT 1
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._args: list[Any] = []
+        self.mismatch: TaskMismatch | None = None  # raised for a unique violation of tasks_upstream
+
+    def add(self, sql: str, *args: Any) -> None:
+        self._parts.append(_shifted(sql, len(self._args)))
+        self._args.extend(args)
+
+    async def run(self, conn: Any, closing: Statement | None = None) -> None:
+        """Run them, with `closing` (a SELECT, e.g. the notification) as the statement they precede."""
+        parts, args = self._parts, self._args
+        if closing is not None:
+            last, args = _shifted(closing[0], len(args)), [*args, *closing[1]]
+        elif parts:
+            last = "SELECT 1"
+        else:
+            return
+        sql = "WITH " + ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts)) + " " + last if parts else last
+        try:
+            await conn.execute(sql, *args)
+        except asyncpg.UniqueViolationError as exc:
+            if self.mismatch is not None and exc.constraint_name == "tasks_upstream":
+                raise self.mismatch from exc
+            raise
+
+
+def _shifted(sql: str, offset: int) -> str:
+    """`sql` with its placeholders $1, $2, … moved up by `offset`."""
+    return _PLACEHOLDER.sub(lambda match: f"${int(match[1]) + offset}", sql) if offset else sql
 
 
 @lru_cache(maxsize=256)
