@@ -83,6 +83,16 @@ class Server:
         """The largest `rss()` sampled while `sampling()` ran (or now)."""
         return max([rss for _, rss in self.samples] or [self.rss()])
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by the server's request loop ("loop") and by the
+        SQLite writer processes it started ("writer"; absent for other servers)."""
+        used: dict[str, float] = {}
+        for pid in self._tree():
+            part = "loop" if pid == self.process.pid else _role(pid)  # type: ignore[union-attr]
+            if part is not None:
+                used[part] = used.get(part, 0.0) + _cpu_seconds(pid)
+        return used
+
     def _tree(self) -> list[int]:
         assert self.process is not None
         found, todo = [], [self.process.pid]
@@ -113,6 +123,31 @@ class Server:
         finally:
             self._sampling = False
             thread.join()
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _role(pid: int) -> str | None:
+    with contextlib.suppress(OSError):
+        if b"receiver.store.writer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return "writer"
+    return None
+
+
+@contextmanager
+def cpu_per_request(server: Server, into: dict[str, float]) -> Iterator[None]:
+    """Fills `into` with the server's CPU seconds per part used while the block ran (divide by
+    the requests served for the CPU each cost)."""
+    before = server.cpu_seconds()
+    yield
+    after = server.cpu_seconds()
+    into.update({part: after[part] - before.get(part, 0.0) for part in after})
 
 
 def _pss_kb(pid: int) -> int:
@@ -295,6 +330,10 @@ class Report:
         self.rows.append(tuple(str(c) for c in cells))
 
 
+def _us(seconds: float, requests: int) -> float:
+    return round(seconds / requests * 1e6, 1) if requests else 0.0
+
+
 def _mb(value: float) -> str:
     return f"{value / 2**20:.1f}"
 
@@ -306,15 +345,24 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
     seed_sqlite(database, args.tasks, work / "urls.txt")
     urls = Urls(work / "urls.txt", args.tasks)
 
+    base_cpu: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     with running(baseline_server(work)) as base:
         load(base.port, urls, connections=args.connections, duration=min(2.0, args.duration))  # warm-up
-        baseline = load(base.port, urls, connections=args.connections, duration=args.duration)
+        with cpu_per_request(base, base_cpu):
+            baseline = load(base.port, urls, connections=args.connections, duration=args.duration)
     urls.cursor = 0  # the baseline stores nothing: the receiver may use every task
     with running(receiver_server(work, f"sqlite:///{database}")) as server, server.sampling():
         warmup = load(server.port, urls, connections=args.connections, duration=min(2.0, args.duration))
-        measured = load(server.port, urls, connections=args.connections, duration=args.duration)
+        with cpu_per_request(server, cpu):
+            measured = load(server.port, urls, connections=args.connections, duration=args.duration)
         wide = load(server.port, urls, connections=256, duration=args.duration)
         peak = server.peak_rss()
+    cpu_us = {
+        "baseline": _us(base_cpu.get("loop", 0.0), baseline.requests),
+        "receiver_loop": _us(cpu.get("loop", 0.0), measured.requests),
+        "receiver_writer": _us(cpu.get("writer", 0.0), measured.requests),
+    }
     # Every 2xx must be a stored row (rows may exceed: requests in flight when a run stopped).
     stored = _count(database, "SELECT count(*) FROM callbacks")
     acknowledged_total = warmup.ok + measured.ok + wide.ok
@@ -335,6 +383,7 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
         "callbacks_stored": stored,
         "callbacks_acknowledged_measured": acknowledged_total,
         "tool": measured.tool,
+        "cpu_us_per_request": cpu_us,
     }
     report.row(
         "ingest: bare Starlette endpoint",
@@ -359,6 +408,10 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
         f"{wide.p50_ms:.1f}",
         f"{wide.p99_ms:.1f}",
         "",
+    )
+    report.notes.append(
+        f"CPU per callback at {args.connections} conns: bare endpoint {cpu_us['baseline']:.0f} µs; receiver"
+        f" {cpu_us['receiver_loop']:.0f} µs (request loop) + {cpu_us['receiver_writer']:.0f} µs (SQLite writer)"
     )
     if urls.exhausted:
         report.notes.append(f"only {args.tasks} tasks were seeded: later callbacks repeated earlier ones (--tasks)")
@@ -386,9 +439,11 @@ def scenario_postgres(args: argparse.Namespace, work: Path, report: Report) -> N
                 load(base.port, urls, connections=args.connections, duration=min(2.0, args.duration))
                 report.baseline_rps = load(base.port, urls, connections=args.connections, duration=args.duration).rate
             urls.cursor = 0
+        cpu: dict[str, float] = {}
         with running(receiver_server(work, url)) as server:
             load(server.port, urls, connections=args.connections, duration=min(2.0, args.duration))
-            measured = load(server.port, urls, connections=args.connections, duration=args.duration)
+            with cpu_per_request(server, cpu):
+                measured = load(server.port, urls, connections=args.connections, duration=args.duration)
     finally:
         drop_postgres_schema(url)
     ratio = measured.rate / report.baseline_rps
@@ -400,6 +455,7 @@ def scenario_postgres(args: argparse.Namespace, work: Path, report: Report) -> N
         "ratio_to_baseline": round(ratio, 3),
         "ratio_to_sqlite": round(measured.rate / sqlite_rps, 3) if sqlite_rps else None,
         "errors": measured.errors,
+        "cpu_us_per_request": {"receiver_loop": _us(cpu.get("loop", 0.0), measured.requests)},
     }
     report.row(
         f"ingest: receiver on PostgreSQL, {args.connections} conns",
@@ -408,6 +464,10 @@ def scenario_postgres(args: argparse.Namespace, work: Path, report: Report) -> N
         f"{measured.p50_ms:.1f}",
         f"{measured.p99_ms:.1f}",
         "",
+    )
+    report.notes.append(
+        f"CPU per callback on PostgreSQL: {report.figures['postgres']['cpu_us_per_request']['receiver_loop']:.0f} µs"
+        " (request loop; PostgreSQL's own processes are not counted)"
     )
 
 

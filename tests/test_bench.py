@@ -24,6 +24,8 @@ def test_the_benchmarks_run_and_write_their_figures(tmp_path: Path) -> None:
     figures = json.loads(written.read_text())["figures"]
     assert figures["ingest"]["receiver_rps"] > 0 and figures["ingest"]["baseline_rps"] > 0
     assert figures["ingest"]["callbacks_stored"] >= figures["ingest"]["callbacks_acknowledged_measured"]
+    cpu = figures["ingest"]["cpu_us_per_request"]  # each process of the receiver is found and measured
+    assert cpu["baseline"] > 0 and cpu["receiver_loop"] > 0 and cpu["receiver_writer"] > 0
     assert figures["latency"]["missing"] == 0
     assert figures["fanout"]["deliveries_received"] == figures["fanout"]["deliveries_expected"]
     assert "ingest: bare Starlette endpoint" in done.stdout
