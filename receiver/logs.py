@@ -3,8 +3,9 @@
     log = get_logger("receiver.callbacks")
     log.info("callback.accepted", task_id="tsk_…", verdict="accepted")
 
-Field names that smell of secrets are masked, and callback paths lose their
-token, so a log line never carries a key, a secret or a full signed URL.
+Field names that smell of secrets are masked, at any depth, and callback paths
+lose their token, so a log line never carries a key, a secret or a full signed
+URL.
 """
 
 from __future__ import annotations
@@ -33,11 +34,22 @@ def redact_path(text: str) -> str:
 
 
 def _clean(key: str, value: Any) -> Any:
+    """A field's value as logged: masked if its name smells of a secret, else with every string
+    in it, however deeply nested in dicts and lists, stripped of tokens (`redact_path`)."""
     if _SECRET_FIELD.search(key) and not key.endswith(("_id", "_count")):
         return "[redacted]"
     if isinstance(value, str):
         return redact_path(value)
+    if isinstance(value, dict):
+        return {inner: _clean(str(inner), item) for inner, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_clean("", item) for item in value]
     return value
+
+
+def _text(value: object) -> str:
+    """Whatever JSON cannot hold, as redacted text (a URL object, an exception, …)."""
+    return redact_path(str(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,7 +67,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = _clean(key, value)
         if record.exc_info and record.exc_info[0] is not None:
             line["exc"] = redact_path(self.formatException(record.exc_info))[-2000:]
-        return orjson.dumps(line, default=str).decode()
+        return orjson.dumps(line, default=_text).decode()
 
 
 class Logger:

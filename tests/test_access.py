@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from receiver import auth
 from receiver.app import create_app
 from receiver.auth import ApiKeys
-from receiver.logs import get_logger
+from receiver.logs import JsonFormatter, get_logger
 from receiver.signing import AssetSigner, CallbackSigner
 from tests.conftest import API_KEY, KNOWN_SECRETS, SecretAudit, make_settings, start_receiver
 
@@ -240,6 +240,7 @@ def test_the_secret_audit_can_fail() -> None:
     """The session-wide audit (conftest) catches each kind of leak it looks for, and passes
     what the receiver's redaction makes of the same values."""
     audit = SecretAudit()
+    audit.formatter_ = logging.Formatter("%(message)s %(fields)s")  # no redaction: every value shows
     logger = logging.getLogger("audit-selftest")  # not "receiver": this test's leaks are on purpose
     logger.addHandler(audit)
     logger.setLevel(logging.DEBUG)
@@ -251,15 +252,35 @@ def test_the_secret_audit_can_fail() -> None:
             "http://127.0.0.1:8000/callbacks/WyJ0c2tfMSIsMzYwMF0.aGVsbG8.c2ln",
         ]
         for value in leaking:
-            logger.info("leak", extra={"fields": {"note": [value]}})  # nested: not redacted by name
+            logger.info("leak", extra={"fields": {"note": [value]}})
         assert len(audit.leaks) == len(leaking), audit.leaks
+        audit.formatter_, audit.leaks, audit.lines = JsonFormatter(), [], 0  # as production formats
+        for value in leaking:
+            logger.info("leak", extra={"fields": {"note": [value], "api_key": value}})
+        assert audit.lines == len(leaking) and len(audit.leaks) == len(KNOWN_SECRETS) + 1  # unnamed raw secrets show
         audit.leaks.clear()
         log = get_logger("receiver.selftest")
         log._logger = logger  # the receiver's wrapper, its redaction, into the audit
         log.info("redacted", api_key=API_KEY, secret="whsec_c2VjcmV0", path="/callbacks/WyJ0c2tfMSJd.x.y")
-        assert audit.lines == len(leaking) + 1 and audit.leaks == []
+        assert audit.leaks == []
     finally:
         logger.removeHandler(audit)
+
+
+def test_secrets_nested_in_log_fields_are_redacted() -> None:
+    """A secret is masked by its name and a token stripped from a path however deep the field holds
+    them, and what JSON cannot hold is logged as redacted text."""
+    record = logging.LogRecord("receiver.test", logging.INFO, __file__, 1, "nested", None, None)
+    record.fields = {  # type: ignore[attr-defined]
+        "request": {"headers": {"authorization": f"Bearer {API_KEY}", "x-fal-signature": "c2ln"}},
+        "attempts": [{"url": "https://x.test/callbacks/WyJ0c2tfMSJd.aGk.c2ln", "api_key": API_KEY}],
+        "target": httpx.URL("https://x.test/assets/WyJhc3NldCJd.aGk.c2ln/a.png"),
+        "task_id": "tsk_1",
+    }
+    line = JsonFormatter().format(record)
+    for secret in (API_KEY, "c2ln", "WyJ0c2tfMSJd", "WyJhc3NldCJd"):
+        assert secret not in line, line
+    assert '"task_id":"tsk_1"' in line and "/callbacks/[redacted]" in line and "/assets/[redacted]" in line
 
 
 def test_digest_helper_sanity() -> None:
