@@ -65,11 +65,15 @@ def parse_payload(body: bytes) -> JSON:
     return payload
 
 
+def unusable_upstream_id(named: str | None) -> bool:
+    """An upstream id no database can hold or index alike: a NUL (PostgreSQL text refuses it) or
+    more than MAX_UPSTREAM_ID characters."""
+    return named is not None and (len(named) > MAX_UPSTREAM_ID or "\x00" in named)
+
+
 def check_upstream_id(report: Report) -> Report:
-    """400 for an upstream id no database can hold or index alike: a NUL (PostgreSQL text refuses
-    it) or more than MAX_UPSTREAM_ID characters — bad input, never a 503 that makes the provider retry."""
-    named = report.upstream_task_id
-    if named is not None and (len(named) > MAX_UPSTREAM_ID or "\x00" in named):
+    """400 for an unusable upstream id — bad input, never a 503 that makes the provider retry."""
+    if unusable_upstream_id(report.upstream_task_id):
         raise InvalidPayload(
             f"The upstream task id must be at most {MAX_UPSTREAM_ID} characters, without NUL.",
             details={"limit": MAX_UPSTREAM_ID},
@@ -89,7 +93,7 @@ async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str
     dialect = dialect_for(named, payload)
     if named == "auto" and dialect.name in ctx.signatures:  # the payload named a signing dialect
         signature = await ctx.signatures.check(dialect.name, body, headers, task_id=task_id)
-    report = check_upstream_id(dialect.parse(payload))
+    report = dialect.parse(payload)
     if signature is SignatureCheck.UNCHECKED:
         report = report.with_warning(ctx.signatures.warning(dialect.name))
     kept = {k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS}
@@ -117,6 +121,7 @@ async def record(
     `signature` is how a callback's provider signature was checked; `max_callbacks` caps the
     task's callback log (callbacks from outside only: what the receiver fetched itself is not capped).
     """
+    report = check_upstream_id(report)  # a poll's or a synchronous answer's id too, not only a callback's
     if report.has_inline_images:
         report = await ctx.assets.inline_images(report)
     if report.state is TaskState.SUCCEEDED:

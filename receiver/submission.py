@@ -17,6 +17,7 @@ import orjson
 from receiver.context import Context
 from receiver.errors import Conflict, ProviderError, ProviderRefused
 from receiver.ids import new_id
+from receiver.ingest import MAX_UPSTREAM_ID, unusable_upstream_id
 from receiver.logs import get_logger
 from receiver.mirror import marked
 from receiver.polling import first_poll
@@ -121,6 +122,13 @@ async def _send(ctx: Context, task: Task, uploads: Sequence[Upload]) -> Task:
     provider = ctx.providers.get(task.provider)
     try:
         submission = await provider.submit(task, ctx.callback_url(task.id, dialect=provider.dialect), uploads)
+        if unusable_upstream_id(submission.upstream_task_id):
+            raise ProviderError(
+                f"{task.provider} answered with a task id the receiver cannot keep"
+                f" (more than {MAX_UPSTREAM_ID} characters, or a NUL).",
+                provider=task.provider,
+                code="upstream_garbled",
+            )
     except ProviderError as exc:
         ctx.metrics.submissions.labels(task.provider, "refused").inc()
         log.warning("task.refused", task_id=task.id, provider=task.provider, code=exc.code, status=exc.status_code)

@@ -114,6 +114,17 @@ async def test_a_submission_that_hangs_fails_the_task_with_a_clear_error(tmp_pat
         assert stored["state"] == "failed" and stored["error"] == task["error"]
 
 
+async def test_a_submission_answered_with_a_task_id_no_database_can_keep_fails_as_garbled(tmp_path: Path) -> None:
+    fake = FakeProvider(delay=0.2)
+    async with serve_in_background(fake.app) as url, start_receiver(tmp_path, provider_url=url) as running:
+        answer = await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "[long-id] a lighthouse"})
+        assert answer.status_code == 502, answer.text
+        assert answer.json()["error"]["code"] == "upstream_garbled"
+        task = (await running.api.get(f"/v1/tasks/{answer.json()['task']['id']}")).json()
+        assert task["state"] == "failed" and task["upstream_task_id"] is None
+        assert task["error"]["code"] == "upstream_garbled" and "256" in task["error"]["message"]
+
+
 async def test_a_poll_that_hangs_is_retried_and_shown(tmp_path: Path) -> None:
     fake = FakeProvider(delay=0.2)
     async with serve_in_background(fake.app) as url, start_receiver(

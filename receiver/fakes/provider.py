@@ -33,6 +33,7 @@ prompt:
     [hang]         xhuoapi, xenodia: never answer the submission (until the caller hangs up)
     [hang-poll]    xenodia: the first poll is never answered (until the caller hangs up), then the task
     [wrong-shape]  xenodia: the first poll answers JSON that is not a task object, then the task
+    [long-id]      xenodia: the submission is answered with a task id of 300 characters
 
 Everything it receives is listed at `GET /_fake/requests` (Authorization headers reduced to
 whether one was present; uploaded files as name, type, size and sha256; their bytes are in
@@ -301,8 +302,8 @@ class FakeProvider:
         return await self.router_answer(request, body)
 
     def xenodia_accept(self, body: dict[str, Any]) -> Response:
-        task_id = f"task_{uuid.uuid4().hex[:16]}"
         prompt: str = body["prompt"]
+        task_id = f"task_{uuid.uuid4().hex[:16]}" + ("x" * 279 if "[long-id]" in prompt else "")
         self.tasks[task_id] = {
             "model": body["model"],
             "prompt": prompt,
