@@ -117,7 +117,7 @@ class Settings:
             api_keys=env("RECEIVER_API_KEYS", _secret_list, ()),
             notify_secret=env("RECEIVER_NOTIFY_SECRET", _whsec, None),
             providers=providers,
-            replicate_webhook_secret=env("RECEIVER_REPLICATE_WEBHOOK_SECRET", _whsec, None),
+            replicate_webhook_secret=env("RECEIVER_REPLICATE_WEBHOOK_SECRET", _whsec_list, None),
             fal_jwks_url=env("RECEIVER_FAL_JWKS_URL", _url_or_off, FAL_JWKS_URL),
             fal_user_ids=env("RECEIVER_FAL_USER_IDS", _list, ()),
             poll_interval=env("RECEIVER_POLL_INTERVAL", _positive_float, cls.poll_interval),
@@ -215,15 +215,31 @@ def _secret_list(value: str) -> tuple[Secret, ...]:
 
 
 def _whsec(value: str) -> Secret:
+    """One `whsec_<base64>` secret."""
     from base64 import b64decode
 
-    body = value.removeprefix("whsec_")
     try:
-        if not b64decode(body + "==", validate=False):
+        if "," in value or not b64decode(value.removeprefix("whsec_") + "==", validate=False):
             raise ValueError
     except Exception as exc:
         raise ValueError("expected a whsec_<base64> secret") from exc
     return Secret(value)
+
+
+def _whsec_list(value: str) -> Secret:
+    """One `whsec_<base64>` secret or several separated by commas (`whsec_secrets`)."""
+    try:
+        for part in whsec_secrets(value):
+            _whsec(part)
+    except ValueError as exc:
+        raise ValueError("expected a whsec_<base64> secret, or several separated by commas") from exc
+    return Secret(value)
+
+
+def whsec_secrets(value: str) -> list[str]:
+    """The secrets of a comma list (`whsec_new,whsec_old`): while a provider's secret is rotated,
+    a signature under any of them verifies."""
+    return [part.strip() for part in value.split(",")]
 
 
 def _positive_float(value: str) -> float:

@@ -116,6 +116,13 @@ def test_provider_signature_settings() -> None:
         }
     )
     assert str(settings.replicate_webhook_secret).startswith("whsec_")
+    rotating = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD, whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    assert str(Settings.from_env({"RECEIVER_REPLICATE_WEBHOOK_SECRET": rotating}).replicate_webhook_secret) == rotating
+    for bad in ("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,whsec_"):
+        with pytest.raises(ConfigError, match="RECEIVER_REPLICATE_WEBHOOK_SECRET"):
+            Settings.from_env({"RECEIVER_REPLICATE_WEBHOOK_SECRET": bad})
+    with pytest.raises(ConfigError, match="RECEIVER_NOTIFY_SECRET"):  # signs deliveries: one secret
+        Settings.from_env({"RECEIVER_NOTIFY_SECRET": rotating})
     assert settings.fal_jwks_url == "http://127.0.0.1:9000/.well-known/jwks.json"
     assert settings.fal_user_ids == ("github|1", "github|2")
     assert Settings.from_env({"RECEIVER_FAL_JWKS_URL": "off"}).fal_jwks_url is None

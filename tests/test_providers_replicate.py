@@ -351,6 +351,17 @@ async def test_forgeries_are_refused(body: bytes, headers: dict[str, str], reaso
     assert caught.value.reason == reason and caught.value.code == "invalid_provider_signature"
 
 
+@pytest.mark.anyio
+async def test_while_the_secret_is_rotated_either_one_verifies() -> None:
+    old, new, other = SECRET, new_webhook_secret(), new_webhook_secret()
+    verifier = _verifier(f"{new}, {old}")
+    await verifier.verify(BODY, signed(BODY, secret=old))
+    await verifier.verify(BODY, signed(BODY, secret=new))
+    with pytest.raises(InvalidProviderSignature) as caught:
+        await verifier.verify(BODY, signed(BODY, secret=other))
+    assert caught.value.reason == "mismatch"
+
+
 def test_without_a_secret_nothing_is_checked() -> None:
     verifier = _verifier(None)
     assert not verifier.configured

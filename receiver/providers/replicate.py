@@ -21,6 +21,7 @@ from standardwebhooks import Webhook
 from starlette.datastructures import Secret
 
 from receiver.clock import system_clock
+from receiver.config import whsec_secrets
 from receiver.errors import InvalidPayload, InvalidProviderSignature
 from receiver.providers.base import (
     HttpProvider,
@@ -142,12 +143,13 @@ class ReplicateSignature:
     name = "replicate"
 
     def __init__(self, secret: Secret | None, *, clock: Clock = system_clock) -> None:
-        self._webhook = Webhook(str(secret)) if secret is not None else None
+        # A comma list while the secret is rotated: a signature under any of them verifies.
+        self._webhooks = [Webhook(part) for part in whsec_secrets(str(secret))] if secret is not None else []
         self.clock = clock
 
     @property
     def configured(self) -> bool:
-        return self._webhook is not None
+        return bool(self._webhooks)
 
     @property
     def unchecked_warning(self) -> str:
@@ -157,7 +159,7 @@ class ReplicateSignature:
         )
 
     async def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
-        assert self._webhook is not None, "verify() needs a configured secret"
+        assert self._webhooks, "verify() needs a configured secret"
         msg_id = headers.get("webhook-id", "").strip()
         stamp = headers.get("webhook-timestamp", "")
         signatures = headers.get("webhook-signature", "")
@@ -170,10 +172,11 @@ class ReplicateSignature:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise self._refused("malformed_body", "The signed body is not UTF-8.") from exc
-        expected = self._webhook.sign(msg_id, datetime.fromtimestamp(timestamp, UTC), text)
-        expected_bytes = base64.b64decode(expected.partition(",")[2])
-        # `webhook-signature` is a space-separated list of `v1,<base64>`; one match is enough,
-        # and entries of other versions or shapes are skipped, as the spec asks.
+        moment = datetime.fromtimestamp(timestamp, UTC)
+        signed = [webhook.sign(msg_id, moment, text) for webhook in self._webhooks]
+        expected = [base64.b64decode(signature.partition(",")[2]) for signature in signed]
+        # `webhook-signature` is a space-separated list of `v1,<base64>`; one match (under any of the
+        # configured secrets) is enough, and entries of other versions or shapes are skipped, as the spec asks.
         for candidate in signatures.split():
             version, comma, value = candidate.partition(",")
             if version != "v1" or not comma:
@@ -182,7 +185,7 @@ class ReplicateSignature:
                 given = base64.b64decode(value, validate=True)
             except binascii.Error:
                 continue
-            if hmac.compare_digest(expected_bytes, given):
+            if any(hmac.compare_digest(digest, given) for digest in expected):
                 return
         raise self._refused("mismatch", "No webhook-signature matches the body under the configured secret.")
 
