@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -42,8 +44,21 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 DATABASES = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=needs_postgres)]
 
 
-def database_url(kind: str, tmp_path: Path) -> AbstractAsyncContextManager[str]:
-    return database_for(kind, tmp_path / "data" / "receiver.db")
+@asynccontextmanager
+async def crashable(
+    tmp_path: Path, database: str, *, sink_mode: str = "ok", fake_options: dict[str, Any] | None = None, **env: str
+) -> AsyncIterator[tuple[Process, Any, Any]]:
+    """A `receiver serve` on `database` (a fresh PostgreSQL schema, or SQLite under tmp_path) with the
+    fake provider and a subscribed sink: (the process, the sink, the fake provider)."""
+    port = free_port()
+    async with (
+        database_for(database, tmp_path / "data" / "receiver.db") as url,
+        fake(**(fake_options or {})) as (provider, provider_url),
+        sink(mode=sink_mode) as (hook, hook_url),
+        Process(crash_env(tmp_path, port, provider_url, url, **env), port, tmp_path / "receiver.log") as server,
+    ):
+        await subscribe(server.url, hook_url)
+        yield server, hook, provider
 
 
 async def retry_unacknowledged(ledger: Ledger, tasks: list[tuple[str, str]], timeout: float = 20.0) -> None:
@@ -58,17 +73,7 @@ async def retry_unacknowledged(ledger: Ledger, tasks: list[tuple[str, str]], tim
 
 @pytest.mark.parametrize("database", DATABASES)
 async def test_killed_while_callbacks_commit(tmp_path: Path, database: str) -> None:
-    port = free_port()
-    async with (
-        database_url(database, tmp_path) as url,
-        fake() as (_, provider_url),
-        sink() as (hook, hook_url),
-        AsyncExitStack() as stack,
-    ):
-        server = await stack.enter_async_context(
-            Process(crash_env(tmp_path, port, provider_url, url), port, tmp_path / "receiver.log")
-        )
-        await subscribe(server.url, hook_url)
+    async with crashable(tmp_path, database) as (server, hook, _):
         tasks = await mint(server.url, 150)
         ledger = Ledger()
         posting = asyncio.create_task(post_all(ledger, tasks, concurrency=12))
@@ -90,13 +95,7 @@ async def test_killed_while_callbacks_commit(tmp_path: Path, database: str) -> N
 
 
 async def test_killed_sqlite_writer_is_revived_and_loses_nothing(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"sqlite:///{tmp_path}/data/receiver.db"
-    async with fake() as (_, provider_url), sink() as (hook, hook_url), AsyncExitStack() as stack:
-        server = await stack.enter_async_context(
-            Process(crash_env(tmp_path, port, provider_url, url), port, tmp_path / "receiver.log")
-        )
-        await subscribe(server.url, hook_url)
+    async with crashable(tmp_path, "sqlite") as (server, hook, _):
         tasks = await mint(server.url, 150)
         writers = [pid for pid, line in server.descendants() if "receiver.store.writer" in line]
         assert len(writers) >= 2, server.descendants()  # the helper and the writer it forked
@@ -123,17 +122,7 @@ async def test_killed_sqlite_writer_is_revived_and_loses_nothing(tmp_path: Path)
 
 @pytest.mark.parametrize("database", DATABASES)
 async def test_killed_while_deliveries_are_in_flight(tmp_path: Path, database: str) -> None:
-    port = free_port()
-    async with (
-        database_url(database, tmp_path) as url,
-        fake() as (_, provider_url),
-        sink(mode="hang") as (hook, hook_url),
-        AsyncExitStack() as stack,
-    ):
-        server = await stack.enter_async_context(
-            Process(crash_env(tmp_path, port, provider_url, url), port, tmp_path / "receiver.log")
-        )
-        await subscribe(server.url, hook_url)
+    async with crashable(tmp_path, database, sink_mode="hang") as (server, hook, _):
         tasks = await mint(server.url, 20)
         ledger = Ledger()
         await post_all(ledger, tasks)
@@ -151,18 +140,9 @@ async def test_killed_while_deliveries_are_in_flight(tmp_path: Path, database: s
 
 @pytest.mark.parametrize("database", DATABASES)
 async def test_killed_while_polling(tmp_path: Path, database: str) -> None:
-    port = free_port()
     polling = {"RECEIVER_POLL_INTERVAL": "0.2", "RECEIVER_POLL_MAX_INTERVAL": "0.3", "RECEIVER_JOB_LEASE": "3"}
-    async with (
-        database_url(database, tmp_path) as url,
-        fake(delay=2.0, poll_pause=0.4) as (provider, provider_url),
-        sink() as (hook, hook_url),
-        AsyncExitStack() as stack,
-    ):
-        server = await stack.enter_async_context(
-            Process(crash_env(tmp_path, port, provider_url, url, **polling), port, tmp_path / "receiver.log")
-        )
-        await subscribe(server.url, hook_url)
+    slow = {"delay": 2.0, "poll_pause": 0.4}
+    async with crashable(tmp_path, database, fake_options=slow, **polling) as (server, hook, provider):
         body = {"provider": "xenodia", "model": "nano-banana-pro", "prompt": "a lighthouse"}
         async with api(server.url) as client:
             submitted = await asyncio.gather(*(client.post("/v1/tasks", json=body) for _ in range(12)))
