@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,16 @@ pytestmark = pytest.mark.anyio
 
 XENODIA = {"provider": "xenodia", "model": "nano-banana-pro", "prompt": "a lighthouse", "resolution": "2K"}
 POLLS = {"poll_interval": 0.02, "poll_max_interval": 0.1}
+
+
+@asynccontextmanager
+async def against_fake(
+    tmp_path: Path, *, delay: float = 0.2, **overrides: Any
+) -> AsyncIterator[tuple[FakeProvider, Running]]:
+    """The receiver with every provider at a FakeProvider of its own (markers in the prompt misbehave)."""
+    fake = FakeProvider(delay=delay)
+    async with serve_in_background(fake.app) as url, start_receiver(tmp_path, provider_url=url, **overrides) as running:
+        yield fake, running
 
 
 async def callbacks(running: Running, task_id: str) -> list[dict[str, Any]]:
@@ -96,10 +108,7 @@ async def test_malformed_callbacks_are_refused_or_recorded_never_a_crash(
 
 @pytest.mark.parametrize("provider", ["xhuoapi", "xenodia"])
 async def test_a_submission_that_hangs_fails_the_task_with_a_clear_error(tmp_path: Path, provider: str) -> None:
-    fake = FakeProvider(delay=0.05)
-    async with serve_in_background(fake.app) as url, start_receiver(
-        tmp_path, provider_url=url, provider_timeout=0.5
-    ) as running:
+    async with against_fake(tmp_path, delay=0.05, provider_timeout=0.5) as (_, running):
         body = {"xhuoapi": {"provider": "xhuoapi", "model": "nano-banana", "prompt": "[hang] a pear"},
                 "xenodia": {**XENODIA, "prompt": "[hang] a lighthouse"}}[provider]
         started = time.monotonic()
@@ -115,8 +124,7 @@ async def test_a_submission_that_hangs_fails_the_task_with_a_clear_error(tmp_pat
 
 
 async def test_a_submission_answered_with_a_task_id_no_database_can_keep_fails_as_garbled(tmp_path: Path) -> None:
-    fake = FakeProvider(delay=0.2)
-    async with serve_in_background(fake.app) as url, start_receiver(tmp_path, provider_url=url) as running:
+    async with against_fake(tmp_path) as (_, running):
         answer = await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "[long-id] a lighthouse"})
         assert answer.status_code == 502, answer.text
         assert answer.json()["error"]["code"] == "upstream_garbled"
@@ -126,10 +134,7 @@ async def test_a_submission_answered_with_a_task_id_no_database_can_keep_fails_a
 
 
 async def test_a_poll_that_hangs_is_retried_and_shown(tmp_path: Path) -> None:
-    fake = FakeProvider(delay=0.2)
-    async with serve_in_background(fake.app) as url, start_receiver(
-        tmp_path, provider_url=url, provider_timeout=0.5, **POLLS
-    ) as running:
+    async with against_fake(tmp_path, provider_timeout=0.5, **POLLS) as (_, running):
         task = (await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "[hang-poll] a lighthouse"})).json()
         done = await finished(running, task["id"])
         assert done["state"] == "succeeded"
@@ -141,8 +146,7 @@ async def test_a_poll_that_hangs_is_retried_and_shown(tmp_path: Path) -> None:
 
 
 async def test_polls_answered_with_errors_garbage_or_the_wrong_shape_are_retried_and_shown(tmp_path: Path) -> None:
-    fake = FakeProvider(delay=0.2)
-    async with serve_in_background(fake.app) as url, start_receiver(tmp_path, provider_url=url, **POLLS) as running:
+    async with against_fake(tmp_path, **POLLS) as (_, running):
         flaky = (await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "[flaky] a lighthouse"})).json()
         shaped = (await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "[wrong-shape] a lighthouse"})).json()
         assert (await finished(running, flaky["id"]))["state"] == "succeeded"
@@ -161,10 +165,7 @@ async def test_polls_answered_with_errors_garbage_or_the_wrong_shape_are_retried
 
 
 async def test_a_provider_that_only_ever_fails_polls_fills_no_log_and_the_task_expires(tmp_path: Path) -> None:
-    fake = FakeProvider(delay=0.2)
-    async with serve_in_background(fake.app) as url, start_receiver(
-        tmp_path, provider_url=url, task_timeout=1.5, **POLLS
-    ) as running:
+    async with against_fake(tmp_path, task_timeout=1.5, **POLLS) as (fake, running):
         task = (await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "a lighthouse"})).json()
         fake.tasks.clear()  # the provider forgets it: every poll is a 404 from now on
         done = await finished(running, task["id"], wait=10)
