@@ -46,6 +46,7 @@ import orjson
 
 from receiver.assets import sniff
 from receiver.errors import InvalidParameters
+from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.providers.base import Upload
 from receiver.types import JSON
 
@@ -358,6 +359,8 @@ def form_body(fields: Sequence[tuple[str, str]]) -> tuple[JSON, list[dict[str, s
             problems.append({"field": name, "message": "is given more than once"})
         else:
             body[name] = _typed(values[0], kind)
+            if too_deep(body[name]):  # as a JSON body deeper than this is refused (receiver.nesting)
+                problems.append({"field": name, "message": f"nests more than {MAX_DEPTH} levels"})
     return body, problems
 
 
