@@ -29,7 +29,7 @@ from receiver.providers.router import RouterProvider
 from receiver.providers.xenodia import XenodiaTaskDialect
 from receiver.tasks import Report
 from receiver.types import TaskState
-from tests.conftest import API_KEY, Running, start_receiver
+from tests.conftest import API_KEY, Running, database_for, needs_postgres, start_receiver
 
 pytestmark = pytest.mark.anyio
 
@@ -178,12 +178,14 @@ BODIES = (
 )
 
 
-@pytest.fixture
-async def hostile(tmp_path: Path) -> AsyncIterator[Running]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=needs_postgres)])
+async def hostile(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Running]:
+    """On each database: PostgreSQL refuses text SQLite takes (a NUL), so bad input must be caught
+    before the store on both."""
     # fal's key set off (no network); Replicate's secret set, so its signature check is on the path.
-    async with start_receiver(
-        tmp_path, fal_jwks_url=None, replicate_webhook_secret=Secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"),
-        max_body_bytes=64 * 1024,
+    async with database_for(request.param, tmp_path / "hostile.db") as url, start_receiver(
+        tmp_path, database_url=url, fal_jwks_url=None,
+        replicate_webhook_secret=Secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"), max_body_bytes=64 * 1024,
     ) as running:
         yield running
 
@@ -265,6 +267,37 @@ async def test_management_bodies_never_5xx(hostile: Running, path: str, body: by
                                      "payload_too_large", "provider_not_found"}, error
             after = (await hostile.api.get("/v1/tasks", params={"limit": 100})).json()["data"]
             assert [t["id"] for t in after] == [t["id"] for t in before]
+
+
+NUL_BODIES = [  # (path, body, the status expected on both databases)
+    ("/v1/subscriptions", {"url": "https://example.com/hook", "events": ["*"], "description": "a\x00b"}, 400),
+    ("/v1/subscriptions", {"url": "https://example.com/ho\x00ok", "events": ["*"]}, 400),
+    ("/v1/tasks", {"provider": "router", "model": "openai/gpt\x00image-1", "prompt": "p"}, 400),
+    # stored (JSON text escapes the NUL); 502: no provider answers in this test
+    ("/v1/tasks", {"provider": "xhuoapi", "model": "gpt-image-2", "prompt": "p\x00", "metadata": {"k\x00": "v"}}, 502),
+    ("/v1/tasks", {"provider": "xhuoapi", "model": "gpt-image-2", "prompt": "p", "notify_url": "https://e/\x00"}, 400),
+    ("/v1/callback-urls", {"provider": "kie", "metadata": {"k": "\x00"}}, 201),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status"), NUL_BODIES)
+async def test_a_nul_in_any_text_is_answered_alike_on_both_databases(
+    hostile: Running, path: str, body: dict[str, Any], status: int
+) -> None:
+    """PostgreSQL text cannot hold a NUL (SQLite can): refused or kept the same way on both, never a 503."""
+    answer = await hostile.api.post(path, json=body)
+    assert answer.status_code == status, answer.text[:300]
+    if answer.status_code >= 400:
+        assert_error_shape(answer)
+    for method, target, json in [
+        ("POST", "/v1/tasks/tsk_%00/cancel", None),
+        ("POST", "/v1/deliveries/dlv_%00/retry", None),
+        ("PATCH", "/v1/subscriptions/sub_%00", {"enabled": False}),
+        ("DELETE", "/v1/subscriptions/sub_%00", None),
+        *[("POST", f"/v1/subscriptions/sub_%00/{action}", {}) for action in ("rotate-secret", "test", "recover")],
+    ]:  # ids no row can hold: not found, on either database
+        answer = await hostile.api.request(method, target, json=json)
+        assert answer.status_code == 404, (method, target, answer.text)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -67,8 +67,8 @@ def _events(value: Any, problems: Problems) -> tuple[str, ...] | None:
 
 
 def _description(value: Any, problems: Problems) -> str | None:
-    if value is not None and (not isinstance(value, str) or len(value) > MAX_DESCRIPTION):
-        message = f"must be a string of at most {MAX_DESCRIPTION} characters"
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_DESCRIPTION or "\x00" in value):
+        message = f"must be a string of at most {MAX_DESCRIPTION} characters, without NUL"
         problems.append({"field": "description", "message": message})
         return None
     return value

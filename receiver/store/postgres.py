@@ -41,7 +41,7 @@ import orjson
 
 from receiver.broadcast import CALLBACK, DELIVERY, ChangeFeed
 from receiver.clock import system_clock
-from receiver.errors import NotFound, StoreError, TaskMismatch
+from receiver.errors import InvalidRequest, NotFound, StoreError, TaskMismatch
 from receiver.events import event_body, task_event_body
 from receiver.logs import get_logger
 from receiver.store import migrations
@@ -380,6 +380,10 @@ class PostgresStore:
         try:
             async with pool.acquire() as conn, conn.transaction():
                 yield conn
+        except asyncpg.CharacterNotInRepertoireError as exc:
+            # Text PostgreSQL cannot hold (a NUL) that input checks let through: bad input, refused
+            # (a 503 would have the client retry for ever). Lookups by such text find nothing first.
+            raise InvalidRequest("The request holds text with a NUL character, which cannot be stored.") from exc
         except DRIVER_ERRORS as exc:
             raise StoreError(str(exc)) from exc
 
@@ -887,7 +891,8 @@ async def _keep_session(conn: Any) -> None:
 
 
 async def _lock_task(conn: Any, task_id: str) -> Task:
-    row = await conn.fetchrow("SELECT * FROM tasks WHERE id = $1 FOR UPDATE", task_id)
+    # No stored task has an id PostgreSQL cannot hold (a NUL): not found, as on SQLite.
+    row = None if "\x00" in task_id else await conn.fetchrow("SELECT * FROM tasks WHERE id = $1 FOR UPDATE", task_id)
     if row is None:
         raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
     return task_from_row(row)
