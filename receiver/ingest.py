@@ -119,7 +119,8 @@ async def record(
     image bytes; a success's images are then kept before it is announced (receiver.mirror).
     `headers` name the source (`x-receiver-source`) of what was not a callback;
     `signature` is how a callback's provider signature was checked; `max_callbacks` caps the
-    task's callback log (callbacks from outside only: what the receiver fetched itself is not capped).
+    task's callback log: past it a callback is still applied and answered, but not kept (callbacks
+    from outside only: what the receiver fetched itself is always kept).
     """
     report = check_upstream_id(report)  # a poll's or a synchronous answer's id too, not only a callback's
     if report.has_inline_images:
@@ -136,6 +137,8 @@ async def record(
         provider_signature=signature.value if signature is not None else None,
     )
     applied = await ctx.store.record_callback(callback, report, max_callbacks=max_callbacks)
+    if not applied.logged:
+        log.warning("callback.not_logged", task_id=task_id, callback_id=callback.id, limit=max_callbacks)
     log.info(
         "callback.recorded",
         task_id=task_id,

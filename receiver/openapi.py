@@ -38,8 +38,7 @@ def errors(*codes: int) -> JSON:
         410: "Expired",
         408: "The body did not arrive in time (request_timeout, RECEIVER_BODY_TIMEOUT); the connection is closed",
         413: "Payload too large",
-        429: "Too many: long-polls and streams open with this key (too_many_streams, RECEIVER_MAX_STREAMS_PER_KEY) "
-        "or callbacks logged for this task (too_many_callbacks, RECEIVER_MAX_CALLBACKS_PER_TASK); "
+        429: "Too many long-polls and streams open with this key (too_many_streams, RECEIVER_MAX_STREAMS_PER_KEY); "
         "Retry-After says when to try again",
         431: "The request line and headers are too large (request_header_fields_too_large, "
         "RECEIVER_MAX_HEADER_BYTES); the connection is closed",
@@ -296,7 +295,7 @@ SUBSCRIPTION_ID = path_param("subscription_id", "The subscription's id (sub_…)
 DELIVERY_ID = path_param("delivery_id", "The delivery's id (dlv_…).")
 
 #: A callback may be refused for its token, its payload, its size, its pace, or a full callback log.
-CALLBACK_ERRORS = errors(400, 403, 404, 408, 409, 410, 413, 429, 503)
+CALLBACK_ERRORS = errors(400, 403, 404, 408, 409, 410, 413, 503)
 
 
 PATHS: JSON = {

@@ -9,10 +9,9 @@
   beyond it; dashboard streams (`/v1/stream`) also hold one of
   `dashboard_streams`, a smaller cap (a few browser tabs). Counted per process: with `--workers N` each
   worker admits its own share.
-- Callbacks stored per task (`RECEIVER_MAX_CALLBACKS_PER_TASK`) are counted
-  by the store in the transaction that would store one more (`TooManyCallbacks`),
-  so a leaked callback URL cannot fill the database and the check costs no
-  extra round trip.
+
+(Callbacks kept per task, `RECEIVER_MAX_CALLBACKS_PER_TASK`, are bounded by the store in the
+transaction that would keep one more: `receiver.store.outbox.logs_callback`.)
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ from receiver.errors import TooManyRequests
 
 #: Seconds a client refused for too many open streams is told to wait.
 STREAM_RETRY_AFTER = 5
-#: Seconds a provider is told to wait once a task's callback log is full (it will not empty).
-CALLBACKS_RETRY_AFTER = 3600
 
 
 class Slots:
@@ -80,16 +77,6 @@ class Quotas:
 
 def quotas(request: Request) -> Quotas:
     found: Quotas | None = getattr(request.app.state, "quotas", None)
-    if found is None:  # an app whose lifespan has not run (a bare test app)
-        found = request.app.state.quotas = Quotas(Settings())
+    if found is None:  # an app whose lifespan has not run (a bare test app): its settings, if any
+        found = request.app.state.quotas = Quotas(getattr(request.app.state, "settings", None) or Settings())
     return found
-
-
-def too_many_callbacks(task_id: str, limit: int) -> TooManyRequests:
-    """The refusal of a callback beyond a task's limit (raised by the store, nothing stored)."""
-    return TooManyRequests(
-        f"Task {task_id} already has {limit} callbacks logged; no more are accepted.",
-        code="too_many_callbacks",
-        retry_after=CALLBACKS_RETRY_AFTER,
-        details={"task_id": task_id, "limit": limit},
-    )

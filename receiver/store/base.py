@@ -112,6 +112,7 @@ class Applied(Value):
     transition: Transition
     deliveries: int = 0  # outbox rows written
     offered: tuple[DeliveryJob, ...] = ()  # of those, the ones leased at once to the local dispatcher
+    logged: bool = True  # a callback went into its task's log (False: the log was full)
 
     @property
     def verdict(self) -> Verdict:
@@ -328,9 +329,9 @@ class Store(Protocol):
         """Log `callback` and apply `report` to its task in one transaction.
 
         Duplicates (same body already stored for the task) are logged and change nothing.
-        Raises TaskMismatch (nothing written) when the report names another upstream task, and
-        TooManyRequests `too_many_callbacks` (nothing written) when the task already has
-        `max_callbacks` callbacks logged — counted in the same query as the duplicate check.
+        Raises TaskMismatch (nothing written) when the report names another upstream task. Once the
+        task has `max_callbacks` callbacks logged (counted in the same query as the duplicate check)
+        a callback is still applied, but not logged: `Applied.logged` is False.
         """
 
     async def list_callbacks(self, task_id: str) -> list[StoredCallback]: ...

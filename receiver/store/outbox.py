@@ -7,7 +7,7 @@ and write the same rows for the same change, and only the SQL differs:
     event = new_event(EventType.SUCCEEDED, body, task, now)
     rows = delivery_rows(event, wanted)             # a pending delivery for each
     kept = jobs_kept(before, transition)            # None: leave the task's jobs alone
-    transition = decide_callback(task, report, logged=n, duplicate=seen, max_callbacks=cap, now=now)
+    logs_callback(logged, max_callbacks)           # one more row for the task's callback log?
     lease = lease_for(feed, now)                    # deliveries leased at once to the local dispatcher
     announce(feed, applied)                         # after commit: publish + wake workers
 """
@@ -23,10 +23,9 @@ import orjson
 from receiver.broadcast import ChangeFeed
 from receiver.events import matches
 from receiver.ids import new_id
-from receiver.quotas import too_many_callbacks
 from receiver.store.base import Applied, DeliveryJob, IncomingCallback, Lease
 from receiver.store.rows import Row, delivery_from_row, dumps, subscription_from_row
-from receiver.tasks import JobSpec, Report, Task, Transition, apply_report
+from receiver.tasks import JobSpec, Report, Task, Transition
 from receiver.types import DeliveryStatus, EventType
 
 #: The worker topics a committed change can wake (ChangeFeed.wake).
@@ -171,20 +170,9 @@ def job_row(task_id: str, spec: JobSpec, now: float) -> dict[str, Any]:
     }
 
 
-def decide_callback(
-    task: Task, report: Report, *, logged: int, duplicate: bool, max_callbacks: int | None, now: float
-) -> Transition:
-    """What a callback does to `task`, which has `logged` callbacks, one of them with this body if
-    `duplicate`: once the log holds `max_callbacks`, TooManyRequests `too_many_callbacks` (nothing
-    written) — except for a repeat of a stored callback, which is a duplicate as ever (the contract
-    answers it 200) and is not logged again (`logs_callback`); else `apply_report`'s decision."""
-    if not duplicate and not logs_callback(logged, max_callbacks):
-        raise too_many_callbacks(task.id, max_callbacks or 0)
-    return apply_report(task, report, now=now, duplicate=duplicate)
-
-
 def logs_callback(logged: int, max_callbacks: int | None) -> bool:
-    """Whether one more callback goes in a log that holds `logged` (the per-task cap)."""
+    """Whether one more callback goes in a log that holds `logged` (the per-task cap). A callback
+    past the cap is still decided and answered as the contract says; only its row is not kept."""
     return max_callbacks is None or logged < max_callbacks
 
 

@@ -71,7 +71,6 @@ from receiver.store.outbox import (
     EventRow,
     announce,
     callback_row,
-    decide_callback,
     delivery_rows,
     job_row,
     jobs_kept,
@@ -99,7 +98,7 @@ from receiver.store.rows import (
     task_from_row,
     task_params,
 )
-from receiver.tasks import JobSpec, Report, Task, Transition, expire
+from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, expire
 from receiver.types import JSON, Clock, DeliveryStatus, EventType, TaskState
 
 log = get_logger("receiver.store")
@@ -527,13 +526,13 @@ class PostgresStore:
                 callback.body_sha256,
             )
             moment = self.clock()
-            transition = decide_callback(
-                task, report, logged=logged, duplicate=duplicate, max_callbacks=max_callbacks, now=moment
-            )
+            transition = apply_report(task, report, now=moment, duplicate=duplicate)
             writes = _Writes()  # the task's update, its jobs' removal, the log entry, the notification: one trip
             applied = await _apply(conn, task, transition, moment, lease_for(self.feed, moment), writes)
             if logs_callback(logged, max_callbacks):
                 writes.add(_INSERT_CALLBACK, *_values(callback_row(callback, applied, report), CALLBACK_COLUMNS))
+            else:
+                applied = applied.replace(logged=False)
             notices = [(CALLBACK, callback.task_id, callback.id)]
             await writes.run(conn, self._applied_notification([applied], notices=notices))
         self.feed.notice(CALLBACK, callback.task_id, callback.id)

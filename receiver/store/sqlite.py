@@ -50,7 +50,6 @@ from receiver.store.outbox import (
     JOB_COLUMNS,
     announce,
     callback_row,
-    decide_callback,
     delivery_rows,
     job_row,
     jobs_kept,
@@ -77,7 +76,7 @@ from receiver.store.rows import (
     task_params,
 )
 from receiver.store.writer import Op, WriterProcess
-from receiver.tasks import JobSpec, Report, Task, Transition, expire
+from receiver.tasks import JobSpec, Report, Task, Transition, apply_report, expire
 from receiver.types import JSON, TERMINAL_STATES, Clock, DeliveryStatus, EventType, TaskState
 
 log = get_logger("receiver.store")
@@ -618,10 +617,10 @@ def _record_callback(
         "SELECT count(*), coalesce(max(body_sha256 = ?), 0) FROM callbacks WHERE task_id = ?",
         (callback.body_sha256, callback.task_id),
     ).fetchone()
-    decided = decide_callback(task, report, logged=logged, duplicate=bool(seen), max_callbacks=max_callbacks, now=now)
-    applied = _apply(conn, task, decided, now, lease)
-    if logs_callback(logged, max_callbacks):
-        conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
+    applied = _apply(conn, task, apply_report(task, report, now=now, duplicate=bool(seen)), now, lease)
+    if not logs_callback(logged, max_callbacks):
+        return applied.replace(logged=False)
+    conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
 
 
