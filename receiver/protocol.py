@@ -9,8 +9,9 @@ httptools parser takes a head of any size; and a body may be sent as slowly as
 a client likes. So:
 
 - `GuardedHttpToolsProtocol`: a request's head must arrive within
-  `header_timeout` seconds of the connection opening or the previous response
-  ending (else `408` and the connection is closed), and may be at most
+  `header_timeout` seconds of the connection opening or, on a kept-alive
+  connection, of its first byte (else `408` and the connection is closed; an
+  idle kept-alive connection is uvicorn's `timeout_keep_alive` to close), and may be at most
   `max_header_bytes` long (else `431 request_header_fields_too_large`, closed)
   — whether it arrives in one piece or many; a request answered before its
   body was read (`413`) has the rest of its body dropped for at most
@@ -90,6 +91,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head:
+            if self._head_timer is None:  # the first bytes of a head after a response: its deadline starts
+                self._arm_head_timer()
             end = data.find(_HEAD_END)  # a terminator split across reads is found by the parser: ≤ 3 bytes off
             self._head_bytes += len(data) if end < 0 else end + len(_HEAD_END)
             if self._head_bytes > self.max_header_bytes:
@@ -119,7 +122,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._awaiting_head:
-            self._arm_head_timer()  # the next request's head is due within the deadline too
+            # Idle until the next request: uvicorn's keep-alive timeout (RECEIVER_KEEP_ALIVE_TIMEOUT)
+            # closes the connection; the head deadline starts with the head's first bytes.
+            self._disarm_head_timer()
         else:
             # Answered before the body was read (413): what still comes is discarded for a moment, so
             # the client reads the answer rather than a reset, then the connection closes.

@@ -203,6 +203,27 @@ async def test_a_client_that_trickles_its_head_or_sends_nothing_is_cut_off(limit
             await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("limited", [{"header_timeout": 0.3, "keep_alive_timeout": 1.0}], indirect=True)
+async def test_a_keep_alive_longer_than_the_head_deadline_is_kept(limited: Running) -> None:
+    """The head deadline runs from the head's first byte, not from the last response: an idle
+    connection lives RECEIVER_KEEP_ALIVE_TIMEOUT (a load balancer's pool relies on it)."""
+    async with Raw(limited.url) as raw:
+        await raw.send(head("GET", "/healthz"))
+        assert (await raw.answer())[0] == 200
+        await asyncio.sleep(0.6)  # twice the head deadline, within the keep-alive
+        assert await raw.send(head("GET", "/healthz"))
+        assert (await raw.answer())[0] == 200
+        started = time.monotonic()
+        assert await raw.closed(timeout=3)
+        assert 0.8 < time.monotonic() - started < 1.6  # then the keep-alive timeout closes it
+    async with Raw(limited.url) as raw:  # a head trickled after a response still has its deadline
+        await raw.send(head("GET", "/healthz"))
+        assert (await raw.answer())[0] == 200
+        await raw.send(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        status, _, body = await raw.answer()
+        assert status == 408 and error_code(body) == "request_timeout"
+
+
 @pytest.mark.parametrize("limited", [{"body_timeout": 0.5}], indirect=True)
 async def test_a_client_that_trickles_its_body_is_cut_off(limited: Running) -> None:
     task, callback_url = await new_task(limited)
