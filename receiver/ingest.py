@@ -41,10 +41,6 @@ log = get_logger("receiver.callbacks")
 #: Marks a callback-log entry the receiver fetched itself: "poll" or "sync-response".
 SOURCE_HEADER = "x-receiver-source"
 
-#: The longest upstream task id a callback may name (providers' ids are a few dozen characters;
-#: PostgreSQL cannot index much more than 2 KiB in `tasks_upstream`).
-MAX_UPSTREAM_ID = 256
-
 
 async def load_task(ctx: Context, task_id: str) -> Task:
     task = await ctx.store.get_task(task_id)
@@ -63,22 +59,6 @@ def parse_payload(body: bytes) -> JSON:
     if too_deep(payload):
         raise InvalidPayload(f"The callback body nests more than {MAX_DEPTH} levels.", details={"limit": MAX_DEPTH})
     return payload
-
-
-def unusable_upstream_id(named: str | None) -> bool:
-    """An upstream id no database can hold or index alike: a NUL (PostgreSQL text refuses it) or
-    more than MAX_UPSTREAM_ID characters."""
-    return named is not None and (len(named) > MAX_UPSTREAM_ID or "\x00" in named)
-
-
-def check_upstream_id(report: Report) -> Report:
-    """400 for an unusable upstream id — bad input, never a 503 that makes the provider retry."""
-    if unusable_upstream_id(report.upstream_task_id):
-        raise InvalidPayload(
-            f"The upstream task id must be at most {MAX_UPSTREAM_ID} characters, without NUL.",
-            details={"limit": MAX_UPSTREAM_ID},
-        )
-    return report
 
 
 async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str, str]) -> Applied:
@@ -122,7 +102,6 @@ async def record(
     task's callback log: past it a callback is still applied and answered, but not kept (callbacks
     from outside only: what the receiver fetched itself is always kept).
     """
-    report = check_upstream_id(report)  # a poll's or a synchronous answer's id too, not only a callback's
     if report.has_inline_images:
         report = await ctx.assets.inline_images(report)
     if report.state is TaskState.SUCCEEDED:

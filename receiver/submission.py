@@ -17,7 +17,6 @@ import orjson
 from receiver.context import Context
 from receiver.errors import Conflict, ProviderError, ProviderRefused
 from receiver.ids import new_id
-from receiver.ingest import MAX_UPSTREAM_ID, unusable_upstream_id
 from receiver.logs import get_logger
 from receiver.mirror import marked
 from receiver.polling import first_poll
@@ -25,7 +24,7 @@ from receiver.providers.base import Upload
 from receiver.providers.catalog import ValidatedRequest, validate
 from receiver.store.base import IdempotencyKey, Subscription
 from receiver.sync_calls import first_call
-from receiver.tasks import Task, apply_report, record_refusal, record_submission
+from receiver.tasks import MAX_UPSTREAM_ID, Task, apply_report, record_refusal, record_submission, unusable_upstream_id
 from receiver.types import JSON, EventType, TaskState
 
 log = get_logger("receiver.submission")

@@ -175,13 +175,25 @@ def _moved(task: Task, state: TaskState, *, now: float, **changes: Any) -> Trans
     return Transition(new, (event,) if event else ())
 
 
+#: The longest upstream task id a task takes (providers' ids are a few dozen characters;
+#: PostgreSQL cannot index much more than 2 KiB in `tasks_upstream`).
+MAX_UPSTREAM_ID = 256
+
+
+def unusable_upstream_id(named: str | None) -> bool:
+    """An upstream id no database can hold or index alike: a NUL (PostgreSQL text refuses it) or
+    more than MAX_UPSTREAM_ID characters."""
+    return named is not None and (len(named) > MAX_UPSTREAM_ID or "\x00" in named)
+
+
 def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = False) -> Transition:
     """Decide what `report` does to `task`.
 
     Raises TaskMismatch when the report names another upstream task than the
     one already bound to `task`, and InvalidPayload when it is written in another
-    dialect than the task's provider speaks (the request is refused and nothing
-    stored).
+    dialect than the task's provider speaks or would bind the task to an upstream
+    id no database keeps alike (`unusable_upstream_id`; a 400, never a 503 that has
+    the provider retry) — the request is refused and nothing stored.
     """
     if report.dialect is not None and task.provider != "auto" and report.dialect != task.provider:
         raise InvalidPayload(
@@ -196,7 +208,12 @@ def apply_report(task: Task, report: Report, *, now: float, duplicate: bool = Fa
     if named is not None and task.upstream_task_id is not None and named != task.upstream_task_id:
         raise TaskMismatch(task.id, task.upstream_task_id, named)
     adopt: dict[str, Any] = {}
-    if named is not None and task.upstream_task_id is None:
+    if named is not None and task.upstream_task_id is None and not task.terminal:  # a terminal task binds nothing
+        if unusable_upstream_id(named):
+            raise InvalidPayload(
+                f"The upstream task id must be at most {MAX_UPSTREAM_ID} characters, without NUL.",
+                details={"limit": MAX_UPSTREAM_ID},
+            )
         adopt["upstream_task_id"] = named
     if report.dialect and task.provider == "auto":
         adopt["provider"] = report.dialect

@@ -363,6 +363,15 @@ async def test_upstream_ids_no_database_holds_are_bad_input(running: Running) ->
         assert (await running.api.get(f"/v1/tasks/{minted['task']['id']}/callbacks")).json()["data"] == []
         fine = await running.post_callback(minted["callback_url"], {**body, "task_id": "k-1" + upstream[:3]})
         assert fine.status_code == 200 and fine.json()["duplicate"] is False, fine.text
+        # Where no id would be bound, the contract's answers stand: another task's id on a task that
+        # has one is a mismatch; anything after the result is ignored.
+        again = await running.post_callback(minted["callback_url"], {**body, "task_status": "processing"})
+        assert_error(again, 409, "task_mismatch")
+        unbound = (await running.api.post("/v1/callback-urls", json={"provider": "kling"})).json()
+        done = {**body, "task_id": None}
+        assert (await running.post_callback(unbound["callback_url"], done)).status_code == 200
+        late = await running.post_callback(unbound["callback_url"], {**body, "task_status": "processing"})
+        assert late.status_code == 200 and late.json()["ignored"] is True, late.text
 
 
 @on_every_database
