@@ -197,12 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _whsec_arg(value: str) -> str:
-    from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+    from receiver.config import whsec
 
     try:
-        Webhook(value)
-    except (ValueError, EmptyWebhookSecretError) as exc:
-        raise argparse.ArgumentTypeError("expected a whsec_<base64> secret") from exc
+        whsec(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
     return value
 
 

@@ -115,7 +115,7 @@ class Settings:
             data_dir=data_dir,
             secret_keys=env("RECEIVER_SECRET_KEY", _secret_list, ()),
             api_keys=env("RECEIVER_API_KEYS", _secret_list, ()),
-            notify_secret=env("RECEIVER_NOTIFY_SECRET", _whsec, None),
+            notify_secret=env("RECEIVER_NOTIFY_SECRET", whsec, None),
             providers=providers,
             replicate_webhook_secret=env("RECEIVER_REPLICATE_WEBHOOK_SECRET", _whsec_list, None),
             fal_jwks_url=env("RECEIVER_FAL_JWKS_URL", _url_or_off, FAL_JWKS_URL),
@@ -214,32 +214,38 @@ def _secret_list(value: str) -> tuple[Secret, ...]:
     return items
 
 
-def _whsec(value: str) -> Secret:
-    """One `whsec_<base64>` secret."""
+def whsec(value: str) -> Secret:
+    """One `whsec_<base64>` secret (ValueError otherwise): the prefix, then base64 that decodes to
+    something. Also `receiver fake-provider --replicate-secret`'s check."""
+    import binascii
     from base64 import b64decode
 
+    body = value.removeprefix("whsec_")  # standard base64: the library signs with what it decodes
     try:
-        if "," in value or not b64decode(value.removeprefix("whsec_") + "==", validate=False):
-            raise ValueError
-    except Exception as exc:
+        if not value.startswith("whsec_") or not b64decode(body + "=" * (-len(body) % 4), validate=True):
+            raise ValueError("not whsec_<base64>")
+    except (ValueError, binascii.Error) as exc:
         raise ValueError("expected a whsec_<base64> secret") from exc
     return Secret(value)
 
 
 def _whsec_list(value: str) -> Secret:
     """One `whsec_<base64>` secret or several separated by commas (`whsec_secrets`)."""
+    parts = whsec_secrets(value)
     try:
-        for part in whsec_secrets(value):
-            _whsec(part)
+        if not parts:
+            raise ValueError("no secret")
+        for part in parts:
+            whsec(part)
     except ValueError as exc:
         raise ValueError("expected a whsec_<base64> secret, or several separated by commas") from exc
     return Secret(value)
 
 
 def whsec_secrets(value: str) -> list[str]:
-    """The secrets of a comma list (`whsec_new,whsec_old`): while a provider's secret is rotated,
-    a signature under any of them verifies."""
-    return [part.strip() for part in value.split(",")]
+    """The secrets of a comma list (`whsec_new,whsec_old`; empty parts skipped, as in the other
+    lists): while a provider's secret is rotated, a signature under any of them verifies."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _positive_float(value: str) -> float:

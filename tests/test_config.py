@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from starlette.datastructures import Secret
 
-from receiver.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings, ensure_secrets, sqlite_path
+from receiver.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings, ensure_secrets, sqlite_path, whsec_secrets
 
 
 def test_defaults() -> None:
@@ -118,7 +118,9 @@ def test_provider_signature_settings() -> None:
     assert str(settings.replicate_webhook_secret).startswith("whsec_")
     rotating = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD, whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     assert str(Settings.from_env({"RECEIVER_REPLICATE_WEBHOOK_SECRET": rotating}).replicate_webhook_secret) == rotating
-    for bad in ("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,whsec_"):
+    trailing = Settings.from_env({"RECEIVER_REPLICATE_WEBHOOK_SECRET": rotating + ","}).replicate_webhook_secret
+    assert whsec_secrets(str(trailing)) == [part.strip() for part in rotating.split(",")]  # like the other lists
+    for bad in (",", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,whsec_", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,nope!"):
         with pytest.raises(ConfigError, match="RECEIVER_REPLICATE_WEBHOOK_SECRET"):
             Settings.from_env({"RECEIVER_REPLICATE_WEBHOOK_SECRET": bad})
     with pytest.raises(ConfigError, match="RECEIVER_NOTIFY_SECRET"):  # signs deliveries: one secret
