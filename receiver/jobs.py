@@ -119,8 +119,12 @@ class JobRunner:
             ids = list(self._held)
             until = self.ctx.clock() + self.lease_seconds
             try:
-                kept: set[str] | None = set(await self.ctx.store.renew_jobs(ids, owner=self.owner, until=until))
-            except Exception as exc:  # the database is away: the leases run down
+                # A renewal that does not answer within a third of a lease (a partition, an exhausted
+                # pool) counts as failed: the jobs must stop before another instance may claim them.
+                async with asyncio.timeout(interval):
+                    renewed = await self.ctx.store.renew_jobs(ids, owner=self.owner, until=until)
+                kept: set[str] | None = set(renewed)
+            except Exception as exc:  # the database is away or too slow: the leases run down
                 log.warning("jobs.lease_not_renewed", count=len(ids), error=repr(exc)[:300])
                 kept = None
             now = self.ctx.clock()

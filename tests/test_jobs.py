@@ -134,8 +134,9 @@ async def test_stopping_cancels_running_jobs_and_frees_their_leases(tmp_path: Pa
         assert await probe() == 1  # handed back: claimable at once
 
 
+@pytest.mark.parametrize("database_away", ["refuses", "hangs"])
 async def test_a_running_job_keeps_its_lease_and_one_that_cannot_renew_stops_before_it_lapses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_away: str
 ) -> None:
     async with start_receiver(tmp_path, job_lease=0.6) as running:
         ctx = running.ctx
@@ -163,6 +164,8 @@ async def test_a_running_job_keeps_its_lease_and_one_that_cannot_renew_stops_bef
         assert await probe() == 0 and not stopped.is_set()
 
         async def unreachable(*args: object, **kwargs: object) -> list[str]:
+            if database_away == "hangs":  # a partition: the renewal never answers
+                await asyncio.Event().wait()
             raise StoreError("the database is away")
 
         monkeypatch.setattr(ctx.store, "renew_jobs", unreachable)
