@@ -130,6 +130,8 @@ def create_app(
                 workers.add("deliveries", dispatcher.step, topic="deliveries", idle=30.0)
                 await workers.start()
                 log.info("receiver.started", version=__version__, database=the_store.__class__.__name__)
+                if getattr(app.state, "settles_collector", False):  # `receiver serve` (each worker too)
+                    settle_collector()  # after start-up: the store, sessions and workers are frozen too
                 try:
                     yield
                 finally:
@@ -171,5 +173,5 @@ def app_from_env() -> Starlette:
     settings = Settings.from_env(os.environ)
     configure_logging(settings.log_level)
     app = create_app(settings)
-    settle_collector()  # uvicorn runs its own server class in each worker (cf. receiver.server.Server)
+    app.state.settles_collector = True  # a serving process (receiver.collector)
     return app

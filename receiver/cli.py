@@ -255,7 +255,9 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 0
     # uvicorn_config takes the limits and shutdown deadline from the app's settings (receiver.protocol).
-    Server(uvicorn_config(create_app(settings), **common)).run()
+    app = create_app(settings)
+    app.state.settles_collector = True  # a serving process (receiver.collector); tests and the demo are not
+    Server(uvicorn_config(app, **common)).run()
     return 0
 
 

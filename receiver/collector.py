@@ -1,6 +1,7 @@
 """Python's cycle collector, made cheap for a process that serves from here on.
 
-    settle_collector()   # once `receiver serve` has started (receiver.server, each of --workers N)
+    settle_collector()   # once `receiver serve` has started: the app's lifespan, when
+                         # app.state.settles_collector (set by `receiver serve`, each of --workers N)
 
 Everything alive once a process has started (modules, routes, settings, the
 store) lives as long as the process: `gc.freeze` takes it out of every later

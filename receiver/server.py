@@ -15,7 +15,6 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
-from receiver.collector import settle_collector
 from receiver.config import Settings
 from receiver.protocol import server_options
 
@@ -38,20 +37,13 @@ def begin_draining(app: object, grace: float | None = None) -> None:
 class Server(uvicorn.Server):
     """uvicorn's server, which lets streaming responses end cleanly before it waits for them."""
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        settle_collector()
-
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         begin_draining(self.config.app, self.config.timeout_graceful_shutdown)
         await super().shutdown(sockets=sockets)
 
 
 class _QuietServer(Server):
-    """An in-process server leaves the process's signal handlers, and its collector, alone."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await uvicorn.Server.startup(self, sockets=sockets)
+    """An in-process server leaves the process's signal handlers alone."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -1,20 +1,18 @@
-"""`receiver serve` settles Python's cycle collector once it has started; in-process servers
-(tests, the demo) leave their process's collector alone."""
+"""`receiver serve` settles Python's cycle collector once its app has started (each worker of
+`--workers N` too); in-process servers (tests, the demo) leave their process's collector alone."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from starlette.applications import Starlette
 
-from receiver import server
-from receiver.server import Server, serve_in_background, uvicorn_config
-from tests.delivery.helpers import eventually
+from receiver import app as app_module
+from receiver.app import app_from_env, create_app
+from receiver.server import serve_in_background
+from tests.conftest import make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -30,25 +28,21 @@ def test_settling_freezes_what_is_alive_and_raises_the_young_threshold() -> None
     assert young == 50_000
 
 
-class _Served(Server):
-    """`receiver serve`'s server, but leaving this test process's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-async def test_the_serving_process_settles_its_collector_once_started(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_serving_app_settles_its_collector_after_start_up_and_others_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(server, "settle_collector", lambda: calls.append("settled"))
-    served = _Served(uvicorn_config(Starlette(), host="127.0.0.1", port=0, lifespan="off"))
-    running = asyncio.create_task(served.serve())
-    async def started() -> bool:
-        return served.started
-
-    await eventually(started, what="the server to start")
-    served.should_exit = True
-    await running
-    assert calls == ["settled"]
-    async with serve_in_background(Starlette()):
+    monkeypatch.setattr(app_module, "settle_collector", lambda: calls.append("settled"))
+    served = create_app(make_settings(tmp_path / "served"))
+    served.state.settles_collector = True  # what `receiver serve` sets
+    async with serve_in_background(served):
+        assert calls == ["settled"]  # once, when its lifespan had started the store and workers
+    async with serve_in_background(create_app(make_settings(tmp_path / "test"))):
         assert calls == ["settled"]  # not again: a test's process keeps Python's defaults
+
+
+def test_each_worker_app_is_marked_as_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIVER_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RECEIVER_DATABASE_URL", f"sqlite:///{tmp_path}/receiver.db")
+    monkeypatch.setattr(app_module, "configure_logging", lambda level: None)  # leave this process's logging be
+    assert app_from_env().state.settles_collector is True
