@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, ClassVar, Protocol, Self
 
@@ -73,8 +74,16 @@ class Verdict(_Enum):
     IGNORED = "ignored"
 
 
-#: Per Value class, one C-level getter of every field (and of the class, so it always gives a tuple).
-_FIELDS: dict[type, attrgetter[Any]] = {}
+#: Per Value class, one getter of all its fields as a tuple.
+_FIELDS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+
+def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """A C-level attrgetter when it gives a tuple (two fields or more), else the same in Python."""
+    if len(names) > 1:
+        getter: Callable[[Any], tuple[Any, ...]] = attrgetter(*names)
+        return getter
+    return lambda value: tuple(getattr(value, name) for name in names)
 
 
 class Value:
@@ -87,8 +96,8 @@ class Value:
 
     def __reduce__(self) -> tuple[Any, ...]:
         cls = type(self)
-        fields = _FIELDS.get(cls) or _FIELDS.setdefault(cls, attrgetter(*cls.__dataclass_fields__, "__class__"))
-        return (cls, fields(self)[:-1])
+        fields = _FIELDS.get(cls) or _FIELDS.setdefault(cls, _fields_getter(tuple(cls.__dataclass_fields__)))
+        return (cls, fields(self))
 
     def replace(self, **changes: Any) -> Self:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from receiver.errors import Conflict, TaskMismatch
@@ -17,7 +19,7 @@ from receiver.tasks import (
     record_refusal,
     record_submission,
 )
-from receiver.types import EventType, TaskState, Verdict
+from receiver.types import EventType, TaskState, Value, Verdict
 
 NOW = 1_800_000_000.0
 IMAGE = {"url": "https://cdn.example/a.png"}
@@ -202,6 +204,22 @@ def test_a_task_refuses_reports_of_another_dialect() -> None:
     assert adopted is not None and adopted.provider == "kling"
 
 
+@dataclass(frozen=True, slots=True)
+class Nothing(Value):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class One(Value):
+    a: TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class Two(Value):
+    a: TaskState
+    b: Verdict
+
+
 def test_values_replace_and_pickle_cheaply() -> None:
     import pickle
 
@@ -211,6 +229,8 @@ def test_values_replace_and_pickle_cheaply() -> None:
     assert (changed.sequence, changed.warnings, changed.id) == (9, ("w",), original.id)
     with pytest.raises(TypeError):
         original.replace(colour="red")
+    for value in (Nothing(), One(TaskState.SUCCEEDED), Two(TaskState.FAILED, Verdict.IGNORED)):
+        assert pickle.loads(pickle.dumps(value)) == value  # any number of fields; enums by name
 
 
 # --- mirroring: the success is stored at once, announced when the images are kept ---------------
