@@ -41,7 +41,7 @@ def _clean(key: str, value: Any) -> Any:
     if isinstance(value, str):
         return redact_path(value)
     if isinstance(value, dict):
-        return {inner: _clean(str(inner), item) for inner, item in value.items()}
+        return {str(inner): _clean(str(inner), item) for inner, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_clean("", item) for item in value]
     return value

@@ -8,7 +8,6 @@ plain refusals; tests/test_providers_xenodia.py that a 503 and an HTML poll answ
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -175,4 +174,3 @@ async def test_a_provider_that_only_ever_fails_polls_fills_no_log_and_the_task_e
         failures = [c for c in await callbacks(running, task["id"]) if c["reason"] == "poll_failed"]
         assert len(failures) == 1  # the same failure in a row is shown once, not once per poll
         assert failures[0]["body"]["error"]["code"] == "upstream_not_found"
-    await asyncio.sleep(0)

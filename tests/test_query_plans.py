@@ -29,10 +29,10 @@ def plan(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> str:
 def test_the_expiry_sweep_reads_only_open_tasks_due(conn: sqlite3.Connection) -> None:
     for columns in ("id", "*"):
         steps = plan(conn, f"SELECT {columns} {DUE_FOR_EXPIRY}", (0.0, 100))
-        assert steps == "SEARCH tasks USING INDEX tasks_open_expiry (expires_at<?)"
+        assert "USING INDEX tasks_open_expiry" in steps and "TEMP B-TREE" not in steps, steps
 
 
 @pytest.mark.parametrize("kept", [0, 1, 2])
 def test_deleting_a_tasks_jobs_finds_them_by_task(conn: sqlite3.Connection, kept: int) -> None:
     steps = plan(conn, delete_jobs_sql(kept), ("tsk_1", *["poll"] * kept))
-    assert steps == "SEARCH jobs USING INDEX jobs_task (task_id=?)"
+    assert "USING INDEX jobs_task (task_id=?)" in steps and "SCAN" not in steps, steps

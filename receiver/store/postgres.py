@@ -988,6 +988,7 @@ class _Writes:
             raise
 
 
+@lru_cache(maxsize=512)
 def _shifted(sql: str, offset: int) -> str:
     """`sql` with its placeholders $1, $2, … moved up by `offset`."""
     return _PLACEHOLDER.sub(lambda match: f"${int(match[1]) + offset}", sql) if offset else sql
