@@ -181,6 +181,13 @@ class RequestTimeout(ApiError):
         super().__init__(message, details=details, headers={"Connection": "close"})
 
 
+class HeaderFieldsTooLarge(ApiError):
+    """A request line and headers larger than the configured limit (answered by receiver.protocol)."""
+
+    status_code = 431
+    code = "request_header_fields_too_large"
+
+
 class CallbackExpired(ApiError):
     """A correctly signed callback token that is past its validity."""
 

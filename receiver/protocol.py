@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -37,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from receiver.config import Settings
-from receiver.errors import RequestTimeout
+from receiver.errors import ApiError, HeaderFieldsTooLarge, InvalidRequest, RequestTimeout
 from receiver.logs import get_logger, redact_path
 
 log = get_logger("receiver.protocol")
@@ -61,10 +62,12 @@ def server_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _refusal(status: int, reason: str, code: str, message: str) -> bytes:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+def _refusal(error: ApiError) -> bytes:
+    """A whole HTTP/1.1 answer for `error` in the contract's error shape, closing the connection
+    (written by the protocol itself: the request never reached the app)."""
+    body = orjson.dumps(error.body())
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {error.status_code} {HTTPStatus(error.status_code).phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
@@ -97,10 +100,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data) if end < 0 else end + len(_HEAD_END)
             if self._head_bytes > self.max_header_bytes:
                 self._refuse(
-                    431,
-                    "Request Header Fields Too Large",
-                    "request_header_fields_too_large",
-                    f"The request line and headers are larger than {self.max_header_bytes} bytes.",
+                    HeaderFieldsTooLarge(f"The request line and headers are larger than {self.max_header_bytes} bytes.")
                 )
                 return
         super().data_received(data)
@@ -149,19 +149,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         started = self._head_bytes > 0
         log.info("http.head_timeout", client=self.client[0] if self.client else None, partial=started)
         if started:
-            self._refuse(
-                408,
-                "Request Timeout",
-                "request_timeout",
-                f"The request head did not arrive within {self.header_timeout:g} seconds.",
-            )
+            self._refuse(RequestTimeout(f"The request head did not arrive within {self.header_timeout:g} seconds."))
         else:
             self.transport.close()  # an idle connection: nothing to answer
 
-    def _refuse(self, status: int, reason: str, code: str, message: str) -> None:
+    def _refuse(self, error: ApiError) -> None:
         self._disarm_head_timer()
-        self.transport.write(_refusal(status, reason, code, message))
+        self.transport.write(_refusal(error))
         self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser cannot read (uvicorn answers those in plain text): the contract's shape."""
+        self._refuse(InvalidRequest(f"The request is not valid HTTP/1.1: {msg}"))
 
 
 class BodyDeadline:

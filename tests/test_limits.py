@@ -170,6 +170,17 @@ async def test_a_head_larger_than_the_limit_is_refused_with_431(limited: Running
 # --- slow clients ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "garbage", [b"NOT HTTP AT ALL\r\n\r\n", b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-bad\x00: 1\r\n\r\n"]
+)
+async def test_a_request_the_parser_cannot_read_gets_the_error_shape(limited: Running, garbage: bytes) -> None:
+    async with Raw(limited.url) as raw:
+        await raw.send(garbage)
+        status, _, body = await raw.answer()
+        assert status == 400 and error_code(body) == "invalid_request", body
+        assert await raw.closed()
+
+
 @pytest.mark.parametrize("limited", [{"header_timeout": 0.5, "keep_alive_timeout": 0.3}], indirect=True)
 async def test_a_client_that_trickles_its_head_or_sends_nothing_is_cut_off(limited: Running) -> None:
     async with Raw(limited.url) as raw:
