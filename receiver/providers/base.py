@@ -138,10 +138,11 @@ class HttpProvider:
         )
 
 
-def bearer_headers(settings: ProviderSettings) -> dict[str, str]:
+def bearer_headers(settings: ProviderSettings, scheme: str = "Bearer") -> dict[str, str]:
+    """JSON in, and the provider's API key under `scheme` (fal's is `Key`)."""
     headers = {"accept": "application/json"}
     if settings.api_key is not None:
-        headers["authorization"] = f"Bearer {settings.api_key}"
+        headers["authorization"] = f"{scheme} {settings.api_key}"
     return headers
 
 

@@ -18,7 +18,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from receiver.clock import system_clock
 from receiver.errors import InvalidPayload, InvalidProviderSignature
-from receiver.providers.base import HttpProvider, Submission, Upload, image_list, json_object, optional_str
+from receiver.providers.base import (
+    HttpProvider,
+    Submission,
+    Upload,
+    bearer_headers,
+    image_list,
+    json_object,
+    optional_str,
+)
 from receiver.providers.jwks import KeySet
 from receiver.providers.signatures import signed_timestamp
 from receiver.tasks import Report, Task
@@ -83,10 +91,7 @@ class FalProvider(HttpProvider):
     dialect = "fal"
 
     def headers(self) -> dict[str, str]:
-        headers = {"accept": "application/json"}
-        if self.settings.api_key is not None:
-            headers["authorization"] = f"Key {self.settings.api_key}"  # fal's scheme, not Bearer
-        return headers
+        return bearer_headers(self.settings, scheme="Key")  # fal's scheme, not Bearer
 
     async def submit(self, task: Task, callback_url: str, uploads: Sequence[Upload] = ()) -> Submission:
         response = await self.call(
