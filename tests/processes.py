@@ -149,33 +149,45 @@ class Process:
         return found
 
 
-class SlowPolls:
-    """ASGI middleware in front of the fake provider: every xenodia poll (GET /v1/tasks/…) is
-    held `pause` seconds, so polls are in flight (their jobs leased) when a test kills the receiver."""
+POLLS, IMAGES = "/v1/tasks/", "/images/"  # the fake provider's paths for polls and image downloads
 
-    def __init__(self, app: Any, pause: float) -> None:
-        self.app, self.pause, self.in_flight = app, pause, 0
+
+class Held:
+    """ASGI middleware in front of the fake provider: a GET whose path starts with one of `pauses`
+    is held that many seconds (xenodia polls `/v1/tasks/`, image downloads `/images/`), so such
+    requests are in flight (their jobs leased) when a test kills the receiver; `in_flight` counts
+    them by prefix."""
+
+    def __init__(self, app: Any, pauses: dict[str, float]) -> None:
+        self.app, self.pauses = app, pauses
+        self.in_flight: Counter[str] = Counter()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith("/v1/tasks/"):
-            self.in_flight += 1
-            try:
-                await asyncio.sleep(self.pause)
-                await self.app(scope, receive, send)
-            finally:
-                self.in_flight -= 1
-        else:
+        is_get = scope["type"] == "http" and scope["method"] == "GET"
+        prefix = next((p for p in self.pauses if scope["path"].startswith(p)), None) if is_get else None
+        if prefix is None:
             await self.app(scope, receive, send)
+            return
+        self.in_flight[prefix] += 1
+        try:
+            await asyncio.sleep(self.pauses[prefix])
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[prefix] -= 1
 
 
 @asynccontextmanager
-async def fake(delay: float = 0.05, poll_pause: float = 0.0) -> AsyncIterator[tuple[FakeProvider, str]]:
+async def fake(
+    delay: float = 0.05, *, hold_polls: float = 0.0, hold_images: float = 0.0
+) -> AsyncIterator[tuple[FakeProvider, str]]:
+    """The fake provider on a socket, its xenodia polls and image downloads held so many seconds."""
     from receiver.server import serve_in_background
 
     provider = FakeProvider(delay=delay)
-    app = SlowPolls(provider.app, poll_pause) if poll_pause else provider.app
-    async with serve_in_background(app) as url:
-        provider.front = app  # type: ignore[attr-defined]
+    pauses = {POLLS: hold_polls, IMAGES: hold_images}
+    front = Held(provider.app, {prefix: pause for prefix, pause in pauses.items() if pause})
+    async with serve_in_background(front) as url:
+        provider.front, provider.url = front, url  # type: ignore[attr-defined]
         yield provider, url
 
 
@@ -211,9 +223,9 @@ async def mint(url: str, count: int) -> list[tuple[str, str]]:
     return [(a.json()["task"]["id"], a.json()["callback_url"]) for a in answers]
 
 
-def success(upstream: str) -> dict[str, Any]:
-    """An xhuoapi success callback (the shape of tests/test_e2e.py)."""
-    image = {"url": f"https://cdn.example/{upstream}.png"}
+def success(upstream: str, image_url: str = "https://cdn.example/{upstream}.png") -> dict[str, Any]:
+    """An xhuoapi success callback (the shape of tests/test_e2e.py) with one image at `image_url`."""
+    image = {"url": image_url.format(upstream=upstream)}
     return {"success": True, "task_id": upstream, "trace_id": "t", "data": {"created": 1, "data": [image]}}
 
 
@@ -226,10 +238,11 @@ class Ledger:
     unanswered: set[str] = field(default_factory=set)  # the connection died: the provider retries
     refused: list[str] = field(default_factory=list)  # anything else: always a failure
     answered_503: int = 0  # how many answers were 503 store_unavailable, retried or not
+    image_url: str = "https://cdn.example/{upstream}.png"  # where each success's image is
 
     async def post(self, client: httpx.AsyncClient, task_id: str, callback_url: str) -> None:
         try:
-            answer = await client.post(callback_url, json=success(f"up-{task_id}"))
+            answer = await client.post(callback_url, json=success(f"up-{task_id}", self.image_url))
         except httpx.TransportError:
             self.unanswered.add(task_id)
             return

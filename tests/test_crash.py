@@ -26,6 +26,8 @@ from receiver.server import free_port
 from tests.conftest import database_for, needs_postgres
 from tests.delivery.helpers import sink
 from tests.processes import (
+    IMAGES,
+    POLLS,
     Ledger,
     Process,
     api,
@@ -141,7 +143,7 @@ async def test_killed_while_deliveries_are_in_flight(tmp_path: Path, database: s
 @pytest.mark.parametrize("database", DATABASES)
 async def test_killed_while_polling(tmp_path: Path, database: str) -> None:
     polling = {"RECEIVER_POLL_INTERVAL": "0.2", "RECEIVER_POLL_MAX_INTERVAL": "0.3", "RECEIVER_JOB_LEASE": "3"}
-    slow = {"delay": 2.0, "poll_pause": 0.4}
+    slow = {"delay": 2.0, "hold_polls": 0.4}
     async with crashable(tmp_path, database, fake_options=slow, **polling) as (server, hook, provider):
         body = {"provider": "xenodia", "model": "nano-banana-pro", "prompt": "a lighthouse"}
         async with api(server.url) as client:
@@ -152,7 +154,7 @@ async def test_killed_while_polling(tmp_path: Path, database: str) -> None:
         def polls() -> int:
             return sum(1 for r in provider.requests if r["method"] == "GET" and r["path"].startswith("/v1/tasks/"))
 
-        await at_once(lambda: polls() >= 12 and provider.front.in_flight >= 6, 20, "polls in flight")
+        await at_once(lambda: polls() >= 12 and provider.front.in_flight[POLLS] >= 6, 20, "polls in flight")
         await server.kill()  # the jobs of the polls in flight stay leased to the dead process
         polled_before = polls()
 
@@ -166,6 +168,48 @@ async def test_killed_while_polling(tmp_path: Path, database: str) -> None:
         assert polls() > polled_before
         outcome = await check_outcome(server.url, hook, Ledger(), task_ids, expect_terminal=task_ids)
         print(outcome.summary(f"crash mid-polling ({database})"))
+        await server.stop()
+
+
+@pytest.mark.parametrize("database", DATABASES)
+async def test_killed_while_images_are_mirrored(tmp_path: Path, database: str) -> None:
+    """A success is acknowledged with its images still to keep; killed mid-download, the restarted
+    receiver keeps them and announces each success once, with the kept links."""
+    mirroring = {"RECEIVER_MIRROR_ASSETS": "1", "RECEIVER_JOB_LEASE": "3"}
+    async with crashable(tmp_path, database, fake_options={"hold_images": 1.0}, **mirroring) as (
+        server, hook, provider,
+    ):
+        tasks = await mint(server.url, 16)
+        task_ids = [t for t, _ in tasks]
+        ledger = Ledger(image_url=f"{provider.url}{IMAGES}{{upstream}}.png")
+        await post_all(ledger, tasks)
+        assert len(ledger.acked) == len(tasks)
+
+        async def shown() -> dict[str, dict[str, Any]]:
+            async with api(server.url) as client:
+                return {t: (await client.get(f"/v1/tasks/{t}")).json() for t in task_ids}
+
+        await at_once(lambda: provider.front.in_flight[IMAGES] >= 2, 20, "downloads in flight")
+        pending = [t for t, task in (await shown()).items() if task["result"]["mirror"] == "pending"]
+        await server.kill()  # the mirror jobs of the downloads in flight stay leased to the dead process
+        assert pending, "every image was kept before the kill"
+
+        await server.start()
+
+        async def kept() -> dict[str, dict[str, Any]] | None:
+            now = await shown()
+            return now if all(task["result"]["mirror"] != "pending" for task in now.values()) else None
+
+        tasks_now = await until(kept, 30, "every task's images kept after the restart")
+        outcome = await check_outcome(server.url, hook, ledger, task_ids)
+        for task_id, task in tasks_now.items():
+            [image] = task["result"]["images"]
+            assert task["result"]["mirror"] == "done", task
+            assert image["asset_url"].startswith(f"{server.url}/assets/"), image
+            [announced] = {r.webhook_id: r.event for r in hook.verified
+                           if r.task_id == task_id and r.type == "task.succeeded"}.values()
+            assert announced["data"] == task, "the success went out before its images were kept"
+        print(outcome.summary(f"crash mid-mirroring ({database})"))
         await server.stop()
 
 
