@@ -570,7 +570,10 @@ PATHS: JSON = {
         "get": {
             "summary": "Readiness: the database answers and migrations are current",
             "operationId": "readyz",
-            "responses": {"200": answer("Ready"), "503": answer("Not ready")},
+            "responses": {
+                "200": answer('Ready: {"status": "ready"}'),
+                "503": answer("Not ready (not_ready; also `status: unavailable` and the `reason`)", ref("Error")),
+            },
         }
     },
     "/metrics": {

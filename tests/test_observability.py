@@ -133,8 +133,10 @@ async def test_poll_backlog_counts_waiting_polls(tmp_path: Path, fake_provider: 
 async def ready(running: Running) -> int:
     async with httpx.AsyncClient(base_url=running.url, timeout=15) as anonymous:
         answer = await anonymous.get("/readyz")
-    if answer.status_code == 503:
-        assert answer.json()["status"] == "unavailable" and answer.json()["reason"]
+    if answer.status_code == 503:  # the contract's error shape, and the reason beside it for probes
+        body = answer.json()
+        assert body["error"]["code"] == "not_ready" and body["reason"] in body["error"]["message"], body
+        assert body["status"] == "unavailable" and answer.headers["retry-after"] == "1"
     return answer.status_code
 
 

@@ -18,8 +18,9 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     problem = await context(request).store.check_ready()
-    if problem is not None:
-        return json_response({"status": "unavailable", "reason": problem}, 503)
+    if problem is not None:  # the error shape, with `status` and `reason` kept beside it for probes
+        error = {"code": "not_ready", "message": f"Not ready: {problem}."}
+        return json_response({"error": error, "status": "unavailable", "reason": problem}, 503, {"retry-after": "1"})
     return json_response({"status": "ready"})
 
 
