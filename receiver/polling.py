@@ -6,7 +6,8 @@
 The schedule is the job row (`run_at`, and `delay` in its payload), so a
 restart resumes polling where it stopped. The delay starts at
 RECEIVER_POLL_INTERVAL and grows by half (x1.5) per poll up to RECEIVER_POLL_MAX_INTERVAL.
-A poll that fails (5xx, a timeout, garbage) is logged and tried again later:
+A poll that fails (5xx, a timeout, garbage, an answer about another task or in
+another dialect) is logged and tried again later:
 it never fails the task by itself. Polling stops at the task's deadline, where
 expiry takes over.
 
@@ -68,16 +69,19 @@ async def poll_once(ctx: Context, job: Job) -> Outcome:
     delay = next_delay(float(job.payload.get("delay", ctx.settings.poll_interval)), ctx.settings)
     payload = {**job.payload, "delay": delay}
     attempt = job.attempts + 1
+    applied = None
     try:
         answer, report = await poller.poll(poll_url)
-    except (ProviderError, InvalidPayload) as exc:
+        if report.state.value != job.payload.get("reported"):
+            applied = await record_answer(ctx, task.id, answer, "poll", report)
+    except (ProviderError, InvalidPayload, TaskMismatch) as exc:  # unreachable, garbage, or not this task
         log.warning(
             "poll.failed",
             task_id=task.id,
             provider=task.provider,
             attempt=attempt,
             code=exc.code,
-            status=getattr(exc, "status_code", None),
+            status=getattr(exc, "status_code", None) if isinstance(exc, ProviderError) else None,
             error=str(exc)[:300],
             retry_in=round(delay, 3),
         )
@@ -88,22 +92,17 @@ async def poll_once(ctx: Context, job: Job) -> Outcome:
         return again(ctx.clock() + delay, payload)
     payload.pop("failed_with", None)
     log.info("poll.answered", task_id=task.id, provider=task.provider, attempt=attempt, state=report.state.value)
-    if report.state.value != job.payload.get("reported"):
-        try:
-            applied = await record_answer(ctx, task.id, answer, "poll", report)
-        except (TaskMismatch, InvalidPayload) as exc:
-            log.warning("poll.unusable", task_id=task.id, provider=task.provider, error=str(exc)[:300])
-            return again(ctx.clock() + delay, payload)
+    if applied is not None:
         if applied.task.terminal:
             return DONE
         payload["reported"] = report.state.value
     return again(ctx.clock() + delay, payload)
 
 
-async def _log_failure(ctx: Context, task_id: str, exc: ProviderError | InvalidPayload) -> None:
+async def _log_failure(ctx: Context, task_id: str, exc: ProviderError | InvalidPayload | TaskMismatch) -> None:
     """Put a failed poll in the task's callback log, where the dashboard and the API show it."""
     error: dict[str, Any] = {"code": exc.code, "message": str(exc)[:500]}
-    if isinstance(exc, ProviderError):  # what the provider answered, if it answered (InvalidPayload: a bad task)
+    if isinstance(exc, ProviderError):  # what the provider answered, if it answered
         if exc.status_code is not None:
             error["status_code"] = exc.status_code
         if exc.body is not None:

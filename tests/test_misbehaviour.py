@@ -163,6 +163,18 @@ async def test_polls_answered_with_errors_garbage_or_the_wrong_shape_are_retried
         assert failures[0]["body"]["error"]["code"] == "invalid_payload"
 
 
+async def test_a_poll_answered_about_another_task_is_retried_and_shown(tmp_path: Path) -> None:
+    async with against_fake(tmp_path, **POLLS) as (_, running):
+        task = (await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "[mixed-up] a lighthouse"})).json()
+        done = await finished(running, task["id"])
+        assert done["state"] == "succeeded" and done["result"]["images"], done  # the other task's success is not taken
+        logged = await callbacks(running, task["id"])
+        [failure] = [c for c in logged if c["reason"] == "poll_failed"]
+        assert failure["body"]["error"]["code"] == "task_mismatch"
+        assert f"{task['upstream_task_id']}-another" in failure["body"]["error"]["message"]
+        assert logged[-1]["reported_state"] == "succeeded" and logged[-1]["verdict"] == "accepted"
+
+
 async def test_a_provider_that_only_ever_fails_polls_fills_no_log_and_the_task_expires(tmp_path: Path) -> None:
     async with against_fake(tmp_path, task_timeout=1.5, **POLLS) as (fake, running):
         task = (await running.api.post("/v1/tasks", json={**XENODIA, "prompt": "a lighthouse"})).json()
