@@ -115,7 +115,7 @@ class Settings:
             data_dir=data_dir,
             secret_keys=env("RECEIVER_SECRET_KEY", _secret_list, ()),
             api_keys=env("RECEIVER_API_KEYS", _secret_list, ()),
-            notify_secret=env("RECEIVER_NOTIFY_SECRET", whsec, None),
+            notify_secret=env("RECEIVER_NOTIFY_SECRET", _whsec_list, None),
             providers=providers,
             replicate_webhook_secret=env("RECEIVER_REPLICATE_WEBHOOK_SECRET", _whsec_list, None),
             fal_jwks_url=env("RECEIVER_FAL_JWKS_URL", _url_or_off, FAL_JWKS_URL),
@@ -157,6 +157,12 @@ class Settings:
 
     def provider(self, name: str) -> ProviderSettings:
         return self.providers.get(name) or ProviderSettings(url=PROVIDER_DEFAULT_URLS.get(name, ""))
+
+    @property
+    def notify_secrets(self) -> tuple[str, ...]:
+        """What signs `notify_url` deliveries: every secret of RECEIVER_NOTIFY_SECRET's comma list
+        (`whsec_new,whsec_old` while it is rotated: each delivery carries a signature per secret)."""
+        return tuple(whsec_secrets(str(self.notify_secret))) if self.notify_secret is not None else ()
 
 
 class _Env:

@@ -8,6 +8,7 @@ import pytest
 from starlette.datastructures import Secret
 
 from receiver.config import DEFAULT_RETRY_SCHEDULE, ConfigError, Settings, ensure_secrets, sqlite_path, whsec_secrets
+from tests.conftest import NOTIFY_SECRET
 
 
 def test_defaults() -> None:
@@ -123,8 +124,13 @@ def test_provider_signature_settings() -> None:
     for bad in (",", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,whsec_", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,nope!"):
         with pytest.raises(ConfigError, match="RECEIVER_REPLICATE_WEBHOOK_SECRET"):
             Settings.from_env({"RECEIVER_REPLICATE_WEBHOOK_SECRET": bad})
-    with pytest.raises(ConfigError, match="RECEIVER_NOTIFY_SECRET"):  # signs deliveries: one secret
-        Settings.from_env({"RECEIVER_NOTIFY_SECRET": rotating})
+    notify = Settings.from_env({"RECEIVER_NOTIFY_SECRET": rotating + ","})  # every one of them signs
+    assert notify.notify_secrets == tuple(part.strip() for part in rotating.split(","))
+    assert Settings.from_env({"RECEIVER_NOTIFY_SECRET": NOTIFY_SECRET}).notify_secrets == (NOTIFY_SECRET,)
+    assert Settings().notify_secrets == ()
+    for bad in (",", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,nope!"):
+        with pytest.raises(ConfigError, match="RECEIVER_NOTIFY_SECRET"):
+            Settings.from_env({"RECEIVER_NOTIFY_SECRET": bad})
     assert settings.fal_jwks_url == "http://127.0.0.1:9000/.well-known/jwks.json"
     assert settings.fal_user_ids == ("github|1", "github|2")
     assert Settings.from_env({"RECEIVER_FAL_JWKS_URL": "off"}).fal_jwks_url is None

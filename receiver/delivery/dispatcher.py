@@ -321,8 +321,7 @@ class Dispatcher:
     async def _send(self, job: DeliveryJob, now: float) -> Answer:
         subscription = job.subscription
         if subscription.uses_notify_secret:
-            notify = self.ctx.settings.notify_secret
-            keys: tuple[str, ...] = (str(notify),) if notify is not None else ()
+            keys = self.ctx.settings.notify_secrets
         else:
             keys = subscription.signing_secrets(now)
         if not keys or not all(keys):

@@ -17,6 +17,7 @@ import standardwebhooks
 import svix.webhooks
 
 from receiver.clock import parse_iso
+from receiver.config import Secret
 from receiver.delivery.dispatcher import decide
 from receiver.delivery.schedule import RetrySchedule
 from receiver.delivery.sender import Answer
@@ -357,6 +358,27 @@ async def test_a_rotated_secret_keeps_verifying_for_24_hours(tmp_path: Path) -> 
         expected = _sign(new_secret, after)
         assert after.headers["webhook-signature"] == expected  # one signature, the new secret's
         assert _sign(SECRET, after) != expected
+
+
+async def test_a_notify_secret_being_rotated_signs_with_both(tmp_path: Path, fake_provider) -> None:
+    """RECEIVER_NOTIFY_SECRET=new,old: a notify_url endpoint that knows either secret verifies."""
+    new = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+    rotating = Secret(f"{new},{NOTIFY_SECRET}")
+    async with (
+        sink(secrets=[NOTIFY_SECRET]) as (old_side, old_url),
+        sink(secrets=[new]) as (new_side, new_url),
+        start_receiver(tmp_path, provider_url=fake_provider[1], notify_secret=rotating, **FAST) as running,
+    ):
+        for notify_url in (old_url, new_url):
+            body = {"provider": "xhuoapi", "model": "gpt-image-2", "prompt": "a pear", "notify_url": notify_url}
+            assert (await running.api.post("/v1/tasks", json=body)).status_code == 202
+        await old_side.wait_for(lambda got: len(got) >= 1)
+        await new_side.wait_for(lambda got: len(got) >= 1)
+        for got in (old_side.received[0], new_side.received[0]):
+            assert got.verified, got.error
+            assert got.headers["webhook-signature"] == " ".join(_sign(key, got) for key in (new, NOTIFY_SECRET))
+            standardwebhooks.Webhook(new).verify(got.body, got.headers)
+            svix.webhooks.Webhook(NOTIFY_SECRET).verify(got.body, got.headers)
 
 
 def _sign(secret: str, got: Received) -> str:
