@@ -85,7 +85,7 @@ class Settings:
     mirror_max_bytes: int = 50 * 1024 * 1024  # largest image kept
     mirror_timeout: float = 60.0  # seconds to download one image
     job_lease: float = 30.0  # seconds a background job stays claimed without renewal
-    metrics_token: Secret | None = None
+    metrics_tokens: tuple[Secret, ...] = ()  # any one opens /metrics; none: /metrics is open
     forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "info"
     shutdown_timeout: float = 10.0  # seconds a stopping server waits for requests and deliveries in flight
@@ -140,7 +140,7 @@ class Settings:
             mirror_max_bytes=env("RECEIVER_MIRROR_MAX_BYTES", _positive_int, cls.mirror_max_bytes),
             mirror_timeout=env("RECEIVER_MIRROR_TIMEOUT", _positive_float, cls.mirror_timeout),
             job_lease=env("RECEIVER_JOB_LEASE", _positive_float, cls.job_lease),
-            metrics_token=env("RECEIVER_METRICS_TOKEN", Secret, None),
+            metrics_tokens=env("RECEIVER_METRICS_TOKEN", _secret_list, ()),
             forwarded_allow_ips=env("RECEIVER_FORWARDED_ALLOW_IPS", str, cls.forwarded_allow_ips),
             log_level=env("RECEIVER_LOG_LEVEL", _log_level, cls.log_level),
             shutdown_timeout=env("RECEIVER_SHUTDOWN_TIMEOUT", _positive_float, cls.shutdown_timeout),

@@ -188,7 +188,8 @@ async def test_metrics_are_open_unless_a_token_is_set(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(auth.hmac, "compare_digest", spy)  # the token is checked as API keys are
     token = "metrics-token-of-some-length"
-    async with start_receiver(tmp_path / "closed", metrics_token=Secret(token)) as running, httpx.AsyncClient(
+    tokens = (Secret(token), Secret("the-next-token"))
+    async with start_receiver(tmp_path / "closed", metrics_tokens=tokens) as running, httpx.AsyncClient(
         base_url=running.url
     ) as anonymous:
         for headers in [{}, {"authorization": "Bearer x"}, {"authorization": f"Bearer {token}0"},
@@ -196,8 +197,9 @@ async def test_metrics_are_open_unless_a_token_is_set(tmp_path: Path, monkeypatc
             refused = await anonymous.get("/metrics", headers=headers)
             assert refused.status_code == 401, headers
             assert refused.json()["error"]["code"] == "unauthorized"
-        allowed = await anonymous.get("/metrics", headers={"authorization": f"Bearer {token}"})
-        assert allowed.status_code == 200 and "receiver_callbacks_total" in allowed.text
+        for current in (token, "the-next-token"):  # a comma list while the token is rotated: either opens
+            allowed = await anonymous.get("/metrics", headers={"authorization": f"Bearer {current}"})
+            assert allowed.status_code == 200 and "receiver_callbacks_total" in allowed.text
         # healthz/readyz stay open for the orchestrator.
         assert (await anonymous.get("/readyz")).status_code == 200
     assert lengths and all(a == b == 32 for a, b in lengths), lengths

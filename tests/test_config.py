@@ -128,6 +128,8 @@ def test_provider_signature_settings() -> None:
     assert notify.notify_secrets == tuple(part.strip() for part in rotating.split(","))
     assert Settings.from_env({"RECEIVER_NOTIFY_SECRET": NOTIFY_SECRET}).notify_secrets == (NOTIFY_SECRET,)
     assert Settings().notify_secrets == ()
+    tokens = Settings.from_env({"RECEIVER_METRICS_TOKEN": "scrape-new, scrape-old"}).metrics_tokens
+    assert [str(t) for t in tokens] == ["scrape-new", "scrape-old"] and Settings().metrics_tokens == ()
     for bad in (",", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,nope!"):
         with pytest.raises(ConfigError, match="RECEIVER_NOTIFY_SECRET"):
             Settings.from_env({"RECEIVER_NOTIFY_SECRET": bad})

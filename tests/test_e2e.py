@@ -390,7 +390,7 @@ async def test_operations_endpoints(running: Running) -> None:
 async def test_metrics_can_require_a_token(tmp_path: Path) -> None:
     from starlette.datastructures import Secret
 
-    async with start_receiver(tmp_path, metrics_token=Secret("m-token")) as running, httpx.AsyncClient(
+    async with start_receiver(tmp_path, metrics_tokens=(Secret("m-token"),)) as running, httpx.AsyncClient(
         base_url=running.url
     ) as anonymous:
         assert_error(await anonymous.get("/metrics"), 401, "unauthorized")

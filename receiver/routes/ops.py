@@ -26,9 +26,10 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     ctx = context(request)
-    token = ctx.settings.metrics_token
-    # Checked as the API keys are (digests compared in constant time: receiver.auth).
-    if token is not None and ApiKeys([str(token)]).check_header(request.headers.get("authorization")) is None:
+    tokens = ctx.settings.metrics_tokens
+    # Checked as the API keys are (digests compared in constant time: receiver.auth); a comma list
+    # while the token is rotated.
+    if tokens and ApiKeys([str(t) for t in tokens]).check_header(request.headers.get("authorization")) is None:
         raise Unauthorized("/metrics needs 'Authorization: Bearer <RECEIVER_METRICS_TOKEN>'.")
     body = ctx.metrics.render(await ctx.store.counts())
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
