@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from receiver.logs import get_logger, redact_path
@@ -331,6 +331,13 @@ async def _store_error(request: Request, exc: Exception) -> Response:
     return json_response(body, 503, {"retry-after": "1"})
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client hung up before its body was in (a provider that timed out, a body deadline's 408):
+    # nothing was read whole, so nothing was stored or acknowledged; there is no one to answer.
+    log.info("http.client_disconnected", method=request.method, path=redact_path(request.url.path))
+    return Response(status_code=499)
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("request.crashed", path=redact_path(request.url.path), error=repr(exc)[:300])
     body = {"error": {"code": "internal_error", "message": "The receiver failed to handle this request."}}
@@ -341,5 +348,6 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: _api_error,
     StoreError: _store_error,
     HTTPException: _http_error,
+    ClientDisconnect: _client_gone,
     Exception: _server_error,
 }

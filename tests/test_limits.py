@@ -255,6 +255,24 @@ async def test_a_client_that_trickles_its_body_is_cut_off(limited: Running) -> N
     assert (await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"] == []
 
 
+async def test_a_client_that_hangs_up_mid_body_is_no_crash(limited: Running, logs: Any) -> None:
+    """Providers time out and hang up: the half-sent callback is dropped, quietly, nothing stored."""
+    task, callback_url = await new_task(limited)
+    async with Raw(limited.url) as raw:
+        await raw.send(
+            head("POST", urlsplit(callback_url).path, "content-type: application/json", "content-length: 200")
+            + b'{"success": true'
+        )
+        await asyncio.sleep(0.5)  # the head is read and the route waits for the rest of the body
+    await eventually(lambda: _heard(logs, "http.client_disconnected"))
+    assert not logs.events("request.crashed")
+    assert (await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"] == []
+
+
+async def _heard(logs: Any, event: str) -> bool:
+    return bool(logs.events(event))
+
+
 # --- long-lived requests per key ------------------------------------------------------------------
 
 
