@@ -36,7 +36,6 @@ from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
 from receiver.mirror import MIRROR, Mirror
-from receiver.protocol import BodyDeadline
 from receiver.providers import Providers, signatures_for
 from receiver.quotas import Quotas
 from receiver.routes import assets, callbacks, deliveries, ops, streams, subscriptions, tasks, ui
@@ -160,7 +159,7 @@ def create_app(
             *ops.routes,
             *ui.routes,
         ],
-        middleware=[Middleware(AccessLog), Middleware(BodyDeadline, seconds=settings.body_timeout)],
+        middleware=[Middleware(AccessLog)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -255,6 +255,24 @@ async def test_a_client_that_trickles_its_body_is_cut_off(limited: Running) -> N
     assert (await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"] == []
 
 
+@pytest.mark.parametrize("limited", [{"body_timeout": 0.5}], indirect=True)
+async def test_a_body_sent_after_its_head_in_time_is_taken_and_the_deadline_ends_with_it(limited: Running) -> None:
+    task, callback_url = await new_task(limited)
+    body = orjson.dumps({"success": True, "task_id": "up-1", "data": {"data": [{"url": "https://cdn.example/a.png"}]}})
+    path = urlsplit(callback_url).path
+    async with Raw(limited.url) as raw:
+        await raw.send(head("POST", path, "content-type: application/json", f"content-length: {len(body)}"))
+        await asyncio.sleep(0.2)  # the head alone: the body's deadline runs
+        await raw.send(body)
+        status, _, answer = await raw.answer()
+        assert status == 200, answer
+        await asyncio.sleep(0.8)  # past the body deadline, idle on a kept-alive connection: nothing fires
+        await raw.send(head("GET", "/healthz"))
+        status, headers, _ = await raw.answer()
+        assert status == 200 and headers.get("connection") != "close"
+    assert len((await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]) == 1
+
+
 async def test_a_client_that_hangs_up_mid_body_is_no_crash(limited: Running, logs: Any) -> None:
     """Providers time out and hang up: the half-sent callback is dropped, quietly, nothing stored."""
     task, callback_url = await new_task(limited)
@@ -384,7 +402,7 @@ async def test_limits_are_read_from_the_environment() -> None:
 
     options = server_options(settings)
     assert options["timeout_graceful_shutdown"] == 3.0 and options["timeout_keep_alive"] == 2.0
-    assert options["http"].keywords == {"header_timeout": 4.0, "max_header_bytes": 4096}
+    assert options["http"].keywords == {"header_timeout": 4.0, "max_header_bytes": 4096, "body_timeout": 20.0}
 
 
 async def test_openapi_names_the_limits(running: Running) -> None:
