@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -20,6 +21,30 @@ def test_defaults() -> None:
     assert settings.callback_max_age == 604800 and settings.task_timeout == 3600
     assert settings.provider("xhuoapi").url == "https://api.xhuoapi.ai"
     assert settings.data_dir == Path("data")
+
+
+class _Watched(dict[str, str]):
+    """An empty environment that remembers every variable asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.asked.add(key)
+        return default
+
+
+def test_every_variable_read_is_in_the_readme_table_and_no_other() -> None:
+    environ = _Watched()
+    Settings.from_env(environ)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("### Limits")]
+    documented = {name for row in table.splitlines() if row.startswith("| `RECEIVER_")
+                  for name in re.findall(r"`(RECEIVER_[A-Z_]+)`", row.split(" | ")[0])}
+    assert environ.asked, "the settings read nothing"
+    assert environ.asked - documented == set(), "read but not in the README's Configuration table"
+    assert documented - environ.asked == set(), "in the README's Configuration table but never read"
 
 
 def test_environment_is_read() -> None:
