@@ -76,6 +76,13 @@ def _refusal(error: ApiError) -> bytes:
     return head.encode("ascii") + body
 
 
+def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
+    """Cancel `timer` if it is set; what the attribute that held it holds now (None)."""
+    if timer is not None:
+        timer.cancel()
+    return None
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines for each request's head and body, and a bound on
     the head's size."""
@@ -97,8 +104,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
-        self._disarm_body_timer()
+        self._head_timer = _cancelled(self._head_timer)
+        self._body_timer = _cancelled(self._body_timer)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -124,39 +131,34 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
         self._head_bytes = 0
-        self._disarm_head_timer()  # the head is in: the app has the request
+        self._head_timer = _cancelled(self._head_timer)  # the head is in: the app has the request
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._awaiting_head = True
-        self._disarm_body_timer()
+        self._body_timer = _cancelled(self._body_timer)
         if self.cycle is not None and self.cycle.response_complete:
             self._arm_head_timer()  # the body of a request already answered is over (see on_response_complete)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._disarm_body_timer()  # answered: a body still coming is the lingering close's
+        self._body_timer = _cancelled(self._body_timer)  # answered: a body still coming is the lingering close's
         if self.transport.is_closing():
             return
         if self._awaiting_head:
             # Idle until the next request: uvicorn's keep-alive timeout (RECEIVER_KEEP_ALIVE_TIMEOUT)
             # closes the connection; the head deadline starts with the head's first bytes.
-            self._disarm_head_timer()
+            self._head_timer = _cancelled(self._head_timer)
         else:
             # Answered before the body was read (413): what still comes is discarded for a moment, so
             # the client reads the answer rather than a reset, then the connection closes.
-            self._disarm_head_timer()
+            self._head_timer = _cancelled(self._head_timer)
             self._head_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
+        self._head_timer = _cancelled(self._head_timer)
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_overdue)
-
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
 
     def _head_overdue(self) -> None:
         self._head_timer = None
@@ -170,11 +172,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(RequestTimeout(f"The request head did not arrive within {self.header_timeout:g} seconds."))
         else:
             self.transport.close()  # an idle connection: nothing to answer
-
-    def _disarm_body_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
 
     def _body_overdue(self) -> None:
         self._body_timer = None
@@ -192,7 +189,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     def _refuse(self, error: ApiError) -> None:
-        self._disarm_head_timer()
+        self._head_timer = _cancelled(self._head_timer)
+        self._body_timer = _cancelled(self._body_timer)
         self.transport.write(_refusal(error))
         self.transport.close()
 
