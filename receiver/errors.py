@@ -171,6 +171,11 @@ class TaskMismatch(Conflict):
         self.task_id = task_id
 
 
+#: The request scope's key for the RequestTimeout the HTTP protocol answered a body's deadline with
+#: (receiver.protocol): the route then sees a disconnect, and counts and logs the 408 by this.
+BODY_TIMED_OUT = "receiver.body_timed_out"
+
+
 class RequestTimeout(ApiError):
     """A client took longer than the server allows to send a request's body."""
 
@@ -331,9 +336,19 @@ async def _store_error(request: Request, exc: Exception) -> Response:
     return json_response(body, 503, {"retry-after": "1"})
 
 
+def body_cut_off(request: Request) -> RequestTimeout | None:
+    """The 408 the HTTP protocol answered when `request`'s body missed its deadline, if it did: the
+    route then sees a disconnect (ClientDisconnect) where the body should be."""
+    timed_out = request.scope.get(BODY_TIMED_OUT)
+    return timed_out if isinstance(timed_out, RequestTimeout) else None
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
-    # The client hung up before its body was in (a provider that timed out, a body deadline's 408):
-    # nothing was read whole, so nothing was stored or acknowledged; there is no one to answer.
+    # The body never came whole: nothing was stored or acknowledged, and there is no one to answer.
+    timed_out = body_cut_off(request)
+    if timed_out is not None:  # what the protocol sent, for the access log
+        return await _api_error(request, timed_out)
+    # The client hung up (a provider that timed out).
     log.info("http.client_disconnected", method=request.method, path=redact_path(request.url.path))
     return Response(status_code=499)
 

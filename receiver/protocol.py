@@ -40,7 +40,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from receiver.config import Settings
-from receiver.errors import ApiError, HeaderFieldsTooLarge, InvalidRequest, RequestTimeout
+from receiver.errors import BODY_TIMED_OUT, ApiError, HeaderFieldsTooLarge, InvalidRequest, RequestTimeout
 from receiver.logs import get_logger, redact_path
 
 log = get_logger("receiver.protocol")
@@ -121,12 +121,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return
         super().data_received(data)
         # A head in and its body not whole (a body sent with its head never gets here): the deadline
-        # runs from now, the head's arrival.
-        if not self._awaiting_head and self._body_timer is None and self._answer_pending():
-            self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
+        # runs from now, the head's arrival. A pipelined request waiting for the one ahead of it is not
+        # read meanwhile (uvicorn pauses reading): its deadline starts when it does (on_response_complete).
+        if not self._awaiting_head and self._body_timer is None and not self.pipeline:
+            self._arm_body_timer()
 
-    def _answer_pending(self) -> bool:
-        return not self.transport.is_closing() and self.cycle is not None and not self.cycle.response_complete
+    def _arm_body_timer(self) -> None:
+        if not self.transport.is_closing() and self.cycle is not None and not self.cycle.response_complete:
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_overdue)
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
@@ -142,6 +144,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_timer()  # the body of a request already answered is over (see on_response_complete)
 
     def on_response_complete(self) -> None:
+        queued = bool(self.pipeline)  # a pipelined request is started now: the bytes still coming are its
         super().on_response_complete()
         self._body_timer = _cancelled(self._body_timer)  # answered: a body still coming is the lingering close's
         if self.transport.is_closing():
@@ -150,6 +153,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Idle until the next request: uvicorn's keep-alive timeout (RECEIVER_KEEP_ALIVE_TIMEOUT)
             # closes the connection; the head deadline starts with the head's first bytes.
             self._head_timer = _cancelled(self._head_timer)
+        elif queued:
+            # The last head read belongs to a request that waited behind this one; if it is the one
+            # started now, its body's deadline starts now (else when its own turn comes).
+            if not self.pipeline:
+                self._arm_body_timer()
         else:
             # Answered before the body was read (413): what still comes is discarded for a moment, so
             # the client reads the answer rather than a reset, then the connection closes.
@@ -178,15 +186,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or self._awaiting_head or self.cycle is None:
             return
         log.info("http.body_timeout", path=redact_path(self.cycle.scope.get("path", "")))
-        if self.cycle.response_started or self.pipeline:  # an answer is being written: cut it off
+        if self.cycle.response_started:  # an answer is being written: cut it off
             self.transport.close()
             return
-        self._refuse(
-            RequestTimeout(
-                f"The request body did not arrive within {self.body_timeout:g} seconds.",
-                details={"limit_seconds": self.body_timeout},
-            )
+        error = RequestTimeout(
+            f"The request body did not arrive within {self.body_timeout:g} seconds.",
+            details={"limit_seconds": self.body_timeout},
         )
+        self.cycle.scope[BODY_TIMED_OUT] = error  # type: ignore[literal-required]  # the app sees a disconnect
+        self._refuse(error)
 
     def _refuse(self, error: ApiError) -> None:
         self._head_timer = _cancelled(self._head_timer)

@@ -253,6 +253,41 @@ async def test_a_client_that_trickles_its_body_is_cut_off(limited: Running) -> N
         assert time.monotonic() - started < 1.5
         assert await raw.closed()
     assert (await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"] == []
+    metrics = (await limited.api.get("/metrics")).text  # counted as the refusal it is
+    assert 'receiver_callbacks_total{outcome="request_timeout"} 1.0' in metrics
+
+
+async def _responses(raw: Raw, count: int, timeout: float = 5.0) -> list[tuple[int, float]]:
+    """The next `count` answers on `raw`: (status, seconds after the call) each."""
+    started, got = time.monotonic(), []
+    for _ in range(count):
+        status, _, _ = await raw.answer(timeout)
+        got.append((status, time.monotonic() - started))
+    return got
+
+
+@pytest.mark.parametrize("limited", [{"body_timeout": 0.5}], indirect=True)
+async def test_a_pipelined_body_gets_its_deadline_when_its_turn_comes(limited: Running) -> None:
+    """A request queued behind a slower one is not read meanwhile: its body's deadline starts when
+    it does, and neither its deadline nor a lingering close cuts off the answer ahead of it."""
+    waiting, _ = await new_task(limited)
+    task, callback_url = await new_task(limited)
+    body = orjson.dumps({"success": True, "task_id": "up-1", "data": {"data": [{"url": "https://cdn.example/a.png"}]}})
+    path = urlsplit(callback_url).path
+    callback = head("POST", path, "content-type: application/json", f"content-length: {len(body)}")
+    async with Raw(limited.url) as raw:  # a long-poll of 1 s (past the deadline), the callback's head behind it
+        await raw.send(head("GET", f"/v1/tasks/{waiting['id']}?wait=1", f"authorization: Bearer {API_KEY}") + callback)
+        await asyncio.sleep(0.05)
+        await raw.send(body)
+        [(polled, _), (taken, after)] = await _responses(raw, 2)
+        assert (polled, taken) == (200, 200) and after >= 0.9
+    assert len((await limited.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]) == 1
+
+    async with Raw(limited.url) as raw:  # answered at once, then a callback whose body never ends
+        await raw.send(head("GET", "/healthz") + callback + body[:10])
+        [(healthy, _), (cut_off, after)] = await _responses(raw, 2)
+        assert (healthy, cut_off) == (200, 408) and 0.4 < after < 1.5
+        assert await raw.closed()
 
 
 @pytest.mark.parametrize("limited", [{"body_timeout": 0.5}], indirect=True)

@@ -6,10 +6,10 @@ import asyncio
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from receiver.context import Context
-from receiver.errors import InvalidRequest, PayloadTooLarge
+from receiver.errors import InvalidRequest, PayloadTooLarge, body_cut_off
 from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.types import JSON
 
@@ -32,11 +32,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The body is larger than {limit} bytes.", details={"limit": limit})
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The body is larger than {limit} bytes.", details={"limit": limit})
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The body is larger than {limit} bytes.", details={"limit": limit})
+            chunks.append(chunk)
+    except ClientDisconnect:
+        timed_out = body_cut_off(request)  # the body deadline's 408, counted and logged as a refusal
+        if timed_out is None:
+            raise
+        raise timed_out from None
     return b"".join(chunks)
 
 
