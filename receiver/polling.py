@@ -72,7 +72,9 @@ async def poll_once(ctx: Context, job: Job) -> Outcome:
     applied = None
     try:
         answer, report = await poller.poll(poll_url)
-        if report.state.value != job.payload.get("reported"):
+        changed = report.state.value != job.payload.get("reported")
+        # An answer about another task is recorded (and refused: TaskMismatch) even in an unchanged state.
+        if changed or report.upstream_task_id not in (None, task.upstream_task_id):
             applied = await record_answer(ctx, task.id, answer, "poll", report)
     except (ProviderError, InvalidPayload, TaskMismatch) as exc:  # unreachable, garbage, or not this task
         log.warning(
@@ -81,7 +83,7 @@ async def poll_once(ctx: Context, job: Job) -> Outcome:
             provider=task.provider,
             attempt=attempt,
             code=exc.code,
-            status=getattr(exc, "status_code", None) if isinstance(exc, ProviderError) else None,
+            status=exc.status_code if isinstance(exc, ProviderError) else None,
             error=str(exc)[:300],
             retry_in=round(delay, 3),
         )

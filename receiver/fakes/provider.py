@@ -33,7 +33,7 @@ prompt:
     [hang]         xhuoapi, xenodia: never answer the submission (until the caller hangs up)
     [hang-poll]    xenodia: the first poll is never answered (until the caller hangs up), then the task
     [wrong-shape]  xenodia: the first poll answers JSON that is not a task object, then the task
-    [mixed-up]     xenodia: the first poll answers another task (its id and state), then the task
+    [mixed-up]     xenodia: the first poll answers another task, still waiting, then the task
     [long-id]      xenodia: the submission is answered with a task id of 300 characters
 
 Everything it receives is listed at `GET /_fake/requests` (Authorization headers reduced to
@@ -347,7 +347,7 @@ class FakeProvider:
         states = ("waiting", "processing" if nested else "running", "completed" if nested else "succeeded")
         task_id = request.path_params["task_id"]
         if "[mixed-up]" in prompt and task["polls"] == 1:
-            return _json({"task_id": f"{task_id}-another", "object": "task", "state": "succeeded", "data": []})
+            return _json({"task_id": f"{task_id}-another", "object": "task", "state": "waiting", "progress": 0})
         answer: dict[str, Any] = {"task_id": task_id, "object": "task", "model": task["model"], "type": "image"}
         if task["stage"] < 2:
             return _json({**answer, "state": states[task["stage"]], "progress": task["stage"] * 50})
