@@ -77,7 +77,8 @@ async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str
     if signature is SignatureCheck.UNCHECKED:
         report = report.with_warning(ctx.signatures.warning(dialect.name))
     kept = {k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS}
-    # A leaked callback URL cannot fill the database: at most so many callbacks per task (429 beyond).
+    # A leaked callback URL cannot fill the database: at most so many callbacks kept per task (later
+    # ones are still applied and answered, not kept).
     limit = ctx.settings.max_callbacks_per_task
     return await record(ctx, task_id, body, kept, report, signature=signature, max_callbacks=limit)
 
