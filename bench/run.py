@@ -47,6 +47,7 @@ class Server:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path) -> None:
         self.name, self.argv, self.env, self.port, self.log = name, argv, env, port, log
+        self.start_timeout = 30.0  # seconds; a server under valgrind takes longer
         self.process: subprocess.Popen[bytes] | None = None
         self.samples: list[tuple[float, int]] = []  # (time, rss bytes)
         self._sampling = False
@@ -54,7 +55,7 @@ class Server:
     def start(self) -> None:
         with self.log.open("ab") as handle:
             self.process = subprocess.Popen(self.argv, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
@@ -347,19 +348,31 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
 
     base_cpu: dict[str, float] = {}
     cpu: dict[str, float] = {}
-    with running(baseline_server(work)) as base:
-        load(base.port, urls, connections=args.connections, duration=min(2.0, args.duration))  # warm-up
-        with cpu_per_request(base, base_cpu):
-            baseline = load(base.port, urls, connections=args.connections, duration=args.duration)
-    urls.cursor = 0  # the baseline stores nothing: the receiver may use every task
+    # The bare endpoint runs before and after the receiver: this machine's speed moves over minutes
+    # (bench/README.md), so the ratio is taken against the two runs together (rates and latencies
+    # averaged) and each is reported.
+    before = measure_baseline(args, work, urls, base_cpu)
     with running(receiver_server(work, f"sqlite:///{database}")) as server, server.sampling():
         warmup = load(server.port, urls, connections=args.connections, duration=min(2.0, args.duration))
         with cpu_per_request(server, cpu):
             measured = load(server.port, urls, connections=args.connections, duration=args.duration)
         wide = load(server.port, urls, connections=256, duration=args.duration)
         peak = server.peak_rss()
+    cursor, urls.cursor = urls.cursor, 0
+    after = measure_baseline(args, work, urls, {})
+    urls.cursor = cursor
+    baseline = Load(
+        before.requests + after.requests,
+        before.seconds + after.seconds,
+        before.ok + after.ok,
+        before.errors + after.errors,
+        (before.p50_ms + after.p50_ms) / 2,
+        (before.p99_ms + after.p99_ms) / 2,
+        before.tool,
+    )
+    drift = abs(before.rate - after.rate) / min(before.rate, after.rate)
     cpu_us = {
-        "baseline": _us(base_cpu.get("loop", 0.0), baseline.requests),
+        "baseline": _us(base_cpu.get("loop", 0.0), before.requests),
         "receiver_loop": _us(cpu.get("loop", 0.0), measured.requests),
         "receiver_writer": _us(cpu.get("writer", 0.0), measured.requests),
     }
@@ -370,6 +383,8 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
     report.baseline_rps = baseline.rate
     report.figures["ingest"] = {
         "baseline_rps": round(baseline.rate, 1),
+        "baseline_rps_before": round(before.rate, 1),
+        "baseline_rps_after": round(after.rate, 1),
         "baseline_p50_ms": baseline.p50_ms,
         "baseline_p99_ms": baseline.p99_ms,
         "receiver_rps": round(measured.rate, 1),
@@ -413,6 +428,10 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
         f"CPU per callback at {args.connections} conns: bare endpoint {cpu_us['baseline']:.0f} µs; receiver"
         f" {cpu_us['receiver_loop']:.0f} µs (request loop) + {cpu_us['receiver_writer']:.0f} µs (SQLite writer)"
     )
+    report.notes.append(
+        f"bare endpoint {before.rate:,.0f} req/s before the receiver's runs and {after.rate:,.0f} after"
+        + (f": the machine's speed moved {drift:.0%} meanwhile, so the ratio is that uncertain" if drift > 0.1 else "")
+    )
     if urls.exhausted:
         report.notes.append(f"only {args.tasks} tasks were seeded: later callbacks repeated earlier ones (--tasks)")
     if stored < acknowledged_total:
@@ -421,6 +440,15 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
         report.notes.append(f"every acknowledged callback is stored ({stored} rows ≥ {acknowledged_total} 2xx)")
     if measured.tool != "wrk":
         report.notes.append("wrk is missing: the Python load generator was used; its own speed caps the figures")
+
+
+def measure_baseline(args: argparse.Namespace, work: Path, urls: Urls, cpu: dict[str, float]) -> Load:
+    """The bare endpoint at `args.connections` after a warm-up (it stores nothing, so the tasks it
+    posts to can be used again); `cpu` gets its loop's CPU seconds."""
+    with running(baseline_server(work)) as base:
+        load(base.port, urls, connections=args.connections, duration=min(2.0, args.duration))  # warm-up
+        with cpu_per_request(base, cpu):
+            return load(base.port, urls, connections=args.connections, duration=args.duration)
 
 
 def scenario_postgres(args: argparse.Namespace, work: Path, report: Report) -> None:
@@ -435,9 +463,7 @@ def scenario_postgres(args: argparse.Namespace, work: Path, report: Report) -> N
     urls = Urls(work / "pg-urls.txt", args.tasks)
     try:
         if report.baseline_rps is None:
-            with running(baseline_server(work)) as base:
-                load(base.port, urls, connections=args.connections, duration=min(2.0, args.duration))
-                report.baseline_rps = load(base.port, urls, connections=args.connections, duration=args.duration).rate
+            report.baseline_rps = measure_baseline(args, work, urls, {}).rate
             urls.cursor = 0
         cpu: dict[str, float] = {}
         with running(receiver_server(work, url)) as server:
@@ -638,6 +664,71 @@ def scenario_latency(args: argparse.Namespace, work: Path, report: Report) -> No
         report.notes.append(f"latency: {missing} of {len(sent)} events did not reach the subscriber within 60 s")
 
 
+def scenario_instructions(args: argparse.Namespace, work: Path, report: Report) -> None:
+    """Instructions per callback, counted by valgrind's callgrind: the same figure on every run on
+    the same machine and software, where times on this shared machine move by tens of percent
+    between runs. The bare endpoint and the receiver each take the same fixed number of callbacks
+    (8 connections) under callgrind; counters are zeroed after a warm-up and read after the load.
+    User-space instructions only: the kernel's work (sockets, fsync) is not in them."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        report.notes.append("instructions: skipped, valgrind is not installed")
+        return
+    database = work / "instructions.db"
+    count = 200 if args.quick else 2000
+    seed_sqlite(database, 3 * count, work / "cg-urls.txt")
+    urls = Urls(work / "cg-urls.txt", 3 * count)
+    base = _instructions(baseline_server(work), urls, count)
+    urls.cursor = 0
+    receiver = _instructions(receiver_server(work, f"sqlite:///{database}"), urls, count)
+    loop, writer = receiver.get("loop", 0) / count, receiver.get("writer", 0) / count
+    bare = base.get("loop", 0) / count
+    report.figures["instructions"] = {
+        "callbacks": count,
+        "baseline_per_request": round(bare),
+        "receiver_loop_per_callback": round(loop),
+        "receiver_writer_per_callback": round(writer),
+        "ratio": round(bare / (loop + writer), 3) if loop + writer else None,
+    }
+    report.notes.append(
+        f"instructions per callback (callgrind, {count} callbacks at 8 connections): bare endpoint {bare / 1e3:,.0f}k;"
+        f" receiver {loop / 1e3:,.0f}k (request loop) + {writer / 1e3:,.0f}k (SQLite writer)"
+        f" = {(loop + writer) / bare:.1f}x the bare endpoint's"
+    )
+
+
+def _instructions(server: Server, urls: Urls, count: int) -> dict[str, int]:
+    """Instructions each part of `server` ran while it took `count` callbacks under callgrind."""
+    out = server.log.parent / f"callgrind-{server.name}"
+    out.mkdir(exist_ok=True)
+    server.argv = [
+        "valgrind",
+        "--tool=callgrind",
+        "--trace-children=yes",  # the SQLite writer is a child process
+        f"--callgrind-out-file={out}/%p",
+        *server.argv,
+    ]
+    server.start_timeout = 180.0
+    with running(server):
+        python_load(server.port, urls, connections=8, duration=300, total=min(300, count))  # warm-up
+        urls.advance(min(300, count), margin=8)
+        parts = {pid: "loop" if pid == server.process.pid else _role(pid) for pid in server._tree()}  # type: ignore[union-attr]
+        for pid in parts:
+            subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, check=False, timeout=60)
+        done = python_load(server.port, urls, connections=8, duration=600, total=count)
+        urls.advance(done.requests, margin=8)
+        if done.ok != count:
+            raise RuntimeError(f"{server.name} under callgrind answered {done.ok} of {count} callbacks with 2xx")
+        for pid in parts:
+            subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, check=False, timeout=60)
+    counted: dict[str, int] = {}
+    for pid, part in parts.items():
+        dump = out / f"{pid}.1"  # part 1: from the zeroing to the dump
+        found = re.search(r"^summary: (\d+)", dump.read_text(), re.M) if dump.exists() else None
+        if part is not None and found:
+            counted[part] = counted.get(part, 0) + int(found.group(1))
+    return counted
+
+
 def _count(database: Path, sql: str) -> int:
     conn = sqlite3.connect(database)
     try:
@@ -653,6 +744,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace, Path, Report], None]] = {
     "fanout": scenario_fanout,
     "postgres": scenario_postgres,
     "soak": scenario_soak,
+    "instructions": scenario_instructions,
 }
 
 
