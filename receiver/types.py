@@ -86,6 +86,14 @@ def _fields_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     return lambda value: tuple(getattr(value, name) for name in names)
 
 
+def fields_of(value: Value) -> tuple[Any, ...]:
+    """A value's fields in their order, in one C-level call: `type(value)(*fields_of(value))`
+    rebuilds it."""
+    cls = type(value)
+    fields = _FIELDS.get(cls) or _FIELDS.setdefault(cls, _fields_getter(tuple(cls.__dataclass_fields__)))
+    return fields(value)
+
+
 class Value:
     """Base of the frozen, slotted dataclasses on hot paths: a `replace` and a pickling that skip
     `dataclasses`' per-call field introspection (values cross into the SQLite writer process and
@@ -95,9 +103,7 @@ class Value:
     __dataclass_fields__: ClassVar[dict[str, Any]]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        cls = type(self)
-        fields = _FIELDS.get(cls) or _FIELDS.setdefault(cls, _fields_getter(tuple(cls.__dataclass_fields__)))
-        return (cls, fields(self))
+        return (type(self), fields_of(self))
 
     def replace(self, **changes: Any) -> Self:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}

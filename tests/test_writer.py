@@ -204,3 +204,52 @@ async def test_an_answer_that_cannot_be_read_fails_its_caller_alone(tmp_path: Pa
         assert await writer.run(count) == 3  # the write stood; the writer goes on
     finally:
         await writer.stop()
+
+
+# --- what crosses to the writer and back once per callback pickles flat, and whole ---------------
+
+
+def test_a_record_callback_operation_arrives_whole() -> None:
+    import pickle
+
+    from receiver.store.base import IncomingCallback, Lease
+    from receiver.store.sqlite import RecordCallback
+    from receiver.tasks import Report
+    from receiver.types import TaskState
+
+    callback = IncomingCallback(
+        "cb_1", "tsk_1", 1.5, b'{"a": 1}', {"content-type": "application/json"}, "ab", "verified"
+    )
+    report = Report(TaskState.SUCCEEDED, "up-1", images=({"url": "https://cdn.example/a.png"},), warnings=("w",))
+    for lease in (None, Lease("dispatcher-1", 60.0)):
+        op = pickle.loads(pickle.dumps(RecordCallback(callback, report, 2.5, lease, 1000)))
+        assert (op.callback, op.report, op.now, op.lease, op.max_callbacks) == (callback, report, 2.5, lease, 1000)
+        assert op.report.state is TaskState.SUCCEEDED
+
+
+def test_an_applied_answer_arrives_whole_whatever_its_transition_holds() -> None:
+    import pickle
+
+    from receiver.store.base import Applied, Delivery, DeliveryJob, Subscription
+    from receiver.tasks import JobSpec, Transition
+    from receiver.types import DeliveryStatus, EventType, Verdict
+    from tests.test_tasks import task
+
+    before, after = task(), task().replace(sequence=3, result={"images": [{"url": "u"}]}, warnings=("w",))
+    delivery = Delivery(
+        "dlv_1", "evt_1", "sub_1", "tsk_1", "task.succeeded", 3, DeliveryStatus.PENDING, 0, 1.0, 1.0, 1.0
+    )
+    subscription = Subscription("sub_1", "https://hooks.example/a", ("*",), "whsec_x", 1.0, 1.0)
+    offered = (DeliveryJob(delivery, subscription, b"{}"),)
+    answers = [
+        Applied(after, Transition(after, (EventType.SUCCEEDED,), Verdict.ACCEPTED, None, (JobSpec("mirror", 1.0),))),
+        Applied(after, Transition(after, (EventType.SUCCEEDED,)), 1, offered, logged=False),
+        Applied(before, Transition(None, (), Verdict.IGNORED, "late")),
+        Applied(before, Transition(None, (), Verdict.DUPLICATE)),
+        Applied(after, Transition(before)),  # not what a store writes, but still pickled whole
+    ]
+    for applied in answers:
+        back = pickle.loads(pickle.dumps(applied, protocol=pickle.HIGHEST_PROTOCOL))
+        assert back == applied
+        assert back.task.state is applied.task.state and back.verdict is applied.verdict
+        assert (back.transition.task is back.task) == (applied.transition.task is applied.task)
