@@ -94,6 +94,18 @@ async def test_a_failing_operation_is_undone_alone_and_keeps_its_error(tmp_path:
         await writer.stop()
 
 
+async def test_a_failing_operation_alone_in_its_batch_is_undone(tmp_path: Path) -> None:
+    writer = await started(tmp_path / "w.db")
+    try:
+        with pytest.raises(NotFound):
+            await writer.run(partial(insert_then_fail, x=7))
+        assert await writer.run(count) == 0
+        assert await writer.run(partial(insert, x=7)) == 7  # the transaction did not stay open
+        assert await writer.run(count) == 1
+    finally:
+        await writer.stop()
+
+
 def temp_store(conn: sqlite3.Connection) -> int:
     value: int = conn.execute("PRAGMA temp_store").fetchone()[0]
     return value
