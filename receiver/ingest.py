@@ -56,7 +56,7 @@ def parse_payload(body: bytes) -> JSON:
         raise InvalidPayload("The callback body is not valid JSON.") from exc
     if not isinstance(payload, dict):
         raise InvalidPayload("The callback body must be a JSON object.")
-    if too_deep(payload):
+    if too_deep(payload, source=body):
         raise InvalidPayload(f"The callback body nests more than {MAX_DEPTH} levels.", details={"limit": MAX_DEPTH})
     return payload
 

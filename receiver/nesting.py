@@ -17,8 +17,14 @@ from typing import Any
 MAX_DEPTH = 64
 
 
-def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Does `value` nest more than `limit` levels of dicts and lists? Iterative: no recursion limit."""
+def too_deep(value: Any, limit: int = MAX_DEPTH, *, source: bytes | None = None) -> bool:
+    """Does `value` nest more than `limit` levels of dicts and lists? Iterative: no recursion limit.
+
+    `source`, the JSON text `value` was read from: every level opens with a `{` or `[`, so a text
+    with no more of those than `limit` (counted in C, strings included) cannot nest deeper, and
+    the walk is skipped — as it is for every ordinary callback."""
+    if source is not None and source.count(b"{") + source.count(b"[") <= limit:
+        return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()

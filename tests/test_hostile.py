@@ -133,6 +133,35 @@ def test_detection_is_a_yes_or_no(payload: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
+def nested_lists(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+DEEPER_JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=80,
+)
+
+
+@given(DEEPER_JSON, st.integers(min_value=1, max_value=8))
+def test_the_bracket_count_shortcut_never_changes_the_nesting_verdict(value: Any, limit: int) -> None:
+    """too_deep skips its walk when the text has no more `{`/`[` than the limit; strings holding
+    brackets only make it walk more."""
+    text = orjson.dumps(value)
+    assert too_deep(value, limit, source=text) == too_deep(value, limit)
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, MAX_DEPTH + 1])
+def test_the_bracket_count_shortcut_at_the_limit(depth: int) -> None:
+    value = nested_lists(depth)
+    assert too_deep(value, source=orjson.dumps(value)) is (depth > MAX_DEPTH)
+    padded = {"note": "[" * 200, "value": value}  # brackets in a string: the walk decides
+    assert too_deep(padded, source=orjson.dumps(padded)) is (depth + 1 > MAX_DEPTH)
+
+
 @pytest.mark.parametrize("depth", [MAX_DEPTH - 2, 1000])
 def test_parsers_take_deep_nesting_in_every_field(name: str, depth: int) -> None:
     for key in KEYS:

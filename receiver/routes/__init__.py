@@ -54,7 +54,7 @@ async def read_json_object(request: Request, limit: int = 1 << 20) -> JSON:
         raise InvalidRequest("The request body is not valid JSON.") from exc
     if not isinstance(value, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    if too_deep(value):
+    if too_deep(value, source=body):
         raise InvalidRequest(f"The request body nests more than {MAX_DEPTH} levels.", details={"limit": MAX_DEPTH})
     return value
 
