@@ -154,6 +154,25 @@ async def test_tasks_round_trip(store: Store) -> None:
     assert await store.get_task("tsk_missing") is None
 
 
+def test_a_tasks_row_holds_every_column_and_an_update_only_the_changed_ones_encoded_alike() -> None:
+    from receiver.store.rows import TASK_COLUMNS, task_changes, task_params
+
+    before = make_task()
+    after = before.replace(
+        state=TaskState.SUCCEEDED,
+        result={"images": [{"url": "https://cdn.example/a.png"}]},
+        sequence=before.sequence + 1,
+        warnings=("w",),
+        completed_at=5.0,
+    )
+    assert set(task_params(before)) == set(TASK_COLUMNS)
+    changes = task_changes(before, after)
+    assert set(changes) == {"state", "result", "sequence", "warnings", "completed_at"}
+    assert changes == {column: task_params(after)[column] for column in changes}
+    assert changes["state"] == "succeeded" and changes["warnings"] == '["w"]'
+    assert task_changes(after, after.replace(request=dict(after.request))) == {}  # equal, not the same object
+
+
 async def test_idempotency_keys(store: Store) -> None:
     first = make_task()
     key = IdempotencyKey("scope:key-1", "fp-a")

@@ -13,7 +13,7 @@ import orjson
 
 from receiver.store.base import Attempt, Delivery, Job, StoredCallback, Subscription
 from receiver.tasks import Task
-from receiver.types import DeliveryStatus, TaskState, Verdict
+from receiver.types import DeliveryStatus, TaskState, Verdict, fields_of
 
 
 class Row(Protocol):
@@ -68,37 +68,42 @@ def _loads(value: str | bytes | None) -> Any:
     return None if value is None else orjson.loads(value)
 
 
+def _json(value: Any) -> str | None:
+    return None if value is None else dumps(value)
+
+
+#: How each column of `tasks` is written from a Task's field of the same name.
+_TASK_ENCODERS: dict[str, Any] = {
+    "state": lambda state: state.value,
+    "request": dumps,
+    "result": _json,
+    "error": _json,
+    "metadata": dumps,
+    "warnings": lambda warnings: dumps(list(warnings)),
+}
+
+
+#: The Task's fields in their order (`fields_of`), which are the table's columns.
+_TASK_FIELDS = tuple(Task.__dataclass_fields__)
+
+
 def task_params(task: Task) -> dict[str, Any]:
-    return {
-        "id": task.id,
-        "provider": task.provider,
-        "model": task.model,
-        "state": task.state.value,
-        "upstream_task_id": task.upstream_task_id,
-        "request": dumps(task.request),
-        "result": None if task.result is None else dumps(task.result),
-        "error": None if task.error is None else dumps(task.error),
-        "metadata": dumps(task.metadata),
-        "sequence": task.sequence,
-        "notify_url": task.notify_url,
-        "warnings": dumps(list(task.warnings)),
-        "origin": task.origin,
-        "created_at": task.created_at,
-        "updated_at": task.updated_at,
-        "completed_at": task.completed_at,
-        "expires_at": task.expires_at,
-    }
+    params = dict(zip(_TASK_FIELDS, fields_of(task), strict=True))
+    for column, encode in _TASK_ENCODERS.items():
+        params[column] = encode(params[column])
+    return params
 
 
 def task_changes(before: Task, after: Task) -> dict[str, Any]:
     """The columns (encoded as task_params encodes them) that differ between two versions of a
-    task. Updating only these leaves the indexes on unchanged columns alone."""
-    encoded = task_params(after)
-    return {
-        column: encoded[column]
-        for column in TASK_COLUMNS
-        if column != "id" and getattr(before, column) != getattr(after, column)
-    }
+    task. Updating only these leaves the indexes on unchanged columns alone; only these are
+    encoded (a callback's write changes five of the seventeen)."""
+    changes = {}
+    for column, old, new in zip(_TASK_FIELDS, fields_of(before), fields_of(after), strict=True):
+        if old is not new and old != new:
+            encode = _TASK_ENCODERS.get(column)
+            changes[column] = new if encode is None else encode(new)
+    return changes
 
 
 def task_from_row(row: Row) -> Task:
