@@ -352,6 +352,7 @@ def scenario_ingest(args: argparse.Namespace, work: Path, report: Report) -> Non
     # (bench/README.md), so the ratio is taken against the two runs together (rates and latencies
     # averaged) and each is reported.
     before = measure_baseline(args, work, urls, base_cpu)
+    urls.cursor = 0  # the baseline stores nothing: the receiver may use every task
     with running(receiver_server(work, f"sqlite:///{database}")) as server, server.sampling():
         warmup = load(server.port, urls, connections=args.connections, duration=min(2.0, args.duration))
         with cpu_per_request(server, cpu):
