@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
+import pickle
 import signal
 import sqlite3
 from functools import partial
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from receiver.errors import NotFound, StoreError
-from receiver.store.writer import WriterProcess
+from receiver.store.writer import WriterProcess, commit, connect
 
 pytestmark = pytest.mark.anyio
 
@@ -104,6 +107,54 @@ async def test_a_failing_operation_alone_in_its_batch_is_undone(tmp_path: Path) 
         assert await writer.run(count) == 1
     finally:
         await writer.stop()
+
+
+#: How often each counted operation ran in this process (`commit` called directly, not in the writer).
+RUNS: collections.Counter[str] = collections.Counter()
+
+
+def insert_counted(conn: sqlite3.Connection, *, x: int) -> int:
+    RUNS[f"insert {x}"] += 1
+    return insert(conn, x=x)
+
+
+def refuse_counted(conn: sqlite3.Connection, *, x: int) -> None:
+    RUNS[f"refuse {x}"] += 1
+    raise NotFound(f"no {x}", code="thing_not_found")
+
+
+def run_batch(path: Path, *ops: partial[object]) -> list[tuple[bool, object]]:
+    conn = connect(str(path))
+    try:
+        create(conn)
+        RUNS.clear()
+        return commit(conn, [pickle.dumps(op) for op in ops])
+    finally:
+        conn.close()
+
+
+def rows(path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [x for (x,) in conn.execute("SELECT x FROM t ORDER BY x")]
+
+
+def test_a_refusal_that_changed_nothing_leaves_the_rest_of_its_batch_alone(tmp_path: Path) -> None:
+    outcomes = run_batch(
+        tmp_path / "w.db", partial(insert_counted, x=1), partial(refuse_counted, x=2), partial(insert_counted, x=3)
+    )
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1][1], NotFound)
+    assert rows(tmp_path / "w.db") == [1, 3]
+    assert RUNS == {"insert 1": 1, "refuse 2": 1, "insert 3": 1}  # each ran once: nothing was run again
+
+
+def test_a_failure_after_a_write_runs_its_batch_again_each_operation_undone_alone(tmp_path: Path) -> None:
+    outcomes = run_batch(
+        tmp_path / "w.db", partial(insert_counted, x=1), partial(insert_then_fail, x=2), partial(insert_counted, x=3)
+    )
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert rows(tmp_path / "w.db") == [1, 3]  # 2's insert was undone with it
+    assert RUNS == {"insert 1": 2, "insert 3": 1}  # rolled back after 2 failed, then run again in savepoints
 
 
 def temp_store(conn: sqlite3.Connection) -> int:

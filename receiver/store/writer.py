@@ -41,7 +41,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from receiver.errors import StoreError
+from receiver.errors import ApiError, StoreError
 from receiver.logs import get_logger
 
 Op = Callable[[sqlite3.Connection], Any]
@@ -370,20 +370,22 @@ def _read_frame_blocking(stream: BinaryIO) -> list[bytes] | None:
 def commit(conn: sqlite3.Connection, frames: list[bytes]) -> list[tuple[bool, Any]]:
     """Run every operation in one transaction and commit once.
 
-    The batch runs straight through first. If an operation fails, the transaction is rolled back
-    and the batch runs again with each operation in a savepoint, so the one that fails is undone
-    alone; a batch of one just keeps its failure. Failures are rare, and two statements per
-    operation (SAVEPOINT, RELEASE) are a measurable share of a callback's write."""
+    The batch runs straight through, without a savepoint per operation: two statements each
+    (SAVEPOINT, RELEASE) were a measurable share of a callback's write. An operation refused by
+    a decision before it changed a row (a callback for another upstream task, say) has nothing to
+    undo: its error is its outcome and the batch goes on. Any other failure rolls the transaction
+    back and the batch runs again with each operation in a savepoint, so the one that fails is
+    undone alone (a batch of one just keeps its failure)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         return [(False, StoreError(str(exc)))] * len(frames)
-    outcomes = _straight(conn, frames)
-    if outcomes[-1][0] is False:
+    outcomes, failure = _straight(conn, frames)
+    if failure is not None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         if len(frames) == 1:
-            return outcomes
+            return [(False, failure)]
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -398,16 +400,20 @@ def commit(conn: sqlite3.Connection, frames: list[bytes]) -> list[tuple[bool, An
     return outcomes
 
 
-def _straight(conn: sqlite3.Connection, frames: list[bytes]) -> list[tuple[bool, Any]]:
-    """The operations' outcomes, up to and including the first that failed."""
+def _straight(conn: sqlite3.Connection, frames: list[bytes]) -> tuple[list[tuple[bool, Any]], Exception | None]:
+    """The operations' outcomes; or, when one fails leaving something to undo, that failure."""
     outcomes: list[tuple[bool, Any]] = []
     for frame in frames:
+        changed = conn.total_changes  # rows changed on this connection: a failed statement adds none
         try:
             outcomes.append((True, pickle.loads(frame)(conn)))
+        except ApiError as exc:  # a refusal, which has nothing to undo if no row changed before it
+            if conn.total_changes != changed or not conn.in_transaction:
+                return outcomes, exc
+            outcomes.append((False, exc))
         except Exception as exc:
-            outcomes.append((False, _failure(exc)))
-            break
-    return outcomes
+            return outcomes, _failure(exc)
+    return outcomes, None
 
 
 def _each_in_a_savepoint(conn: sqlite3.Connection, frames: list[bytes]) -> list[tuple[bool, Any]]:
