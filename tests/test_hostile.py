@@ -132,7 +132,6 @@ def test_detection_is_a_yes_or_no(payload: dict[str, Any]) -> None:
         assert claimed == [found.name]
 
 
-@pytest.mark.parametrize("name", sorted(PARSERS))
 def nested_lists(depth: int) -> Any:
     value: Any = []
     for _ in range(depth - 1):
@@ -162,6 +161,7 @@ def test_the_bracket_count_shortcut_at_the_limit(depth: int) -> None:
     assert too_deep(padded, source=orjson.dumps(padded)) is (depth + 1 > MAX_DEPTH)
 
 
+@pytest.mark.parametrize("name", sorted(PARSERS))
 @pytest.mark.parametrize("depth", [MAX_DEPTH - 2, 1000])
 def test_parsers_take_deep_nesting_in_every_field(name: str, depth: int) -> None:
     for key in KEYS:
