@@ -157,6 +157,37 @@ def test_a_failure_after_a_write_runs_its_batch_again_each_operation_undone_alon
     assert RUNS == {"insert 1": 2, "insert 3": 1}  # rolled back after 2 failed, then run again in savepoints
 
 
+def create_then_refuse(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE made_by_a_refused_operation (a)")  # a schema change: no row changed
+    raise NotFound("no", code="thing_not_found")
+
+
+def swallow_a_rollback(conn: sqlite3.Connection) -> str:
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS r (x INTEGER PRIMARY KEY ON CONFLICT ROLLBACK)")
+    conn.execute("INSERT INTO r VALUES (1)")
+    with contextlib.suppress(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO r VALUES (1)")  # ON CONFLICT ROLLBACK ends the whole transaction
+    return "fine, it says"
+
+
+def test_a_refusal_after_a_schema_change_is_undone(tmp_path: Path) -> None:
+    outcomes = run_batch(tmp_path / "w.db", partial(insert_counted, x=1), partial(create_then_refuse))
+    assert [ok for ok, _ in outcomes] == [True, False]
+    with contextlib.closing(sqlite3.connect(tmp_path / "w.db")) as conn:
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'made_by%'").fetchone() == (0,)
+    assert rows(tmp_path / "w.db") == [1]
+
+
+def test_a_batch_whose_transaction_ended_under_an_operation_fails_whole(tmp_path: Path) -> None:
+    outcomes = run_batch(
+        tmp_path / "w.db", partial(insert_counted, x=1), partial(swallow_a_rollback), partial(insert_counted, x=3)
+    )
+    assert [ok for ok, _ in outcomes] == [False, False, False]
+    assert all(isinstance(error, StoreError) for _, error in outcomes)
+    assert rows(tmp_path / "w.db") == []  # nothing acknowledged, nothing kept
+    assert "insert 3" not in RUNS  # nothing ran after the transaction was gone (it would autocommit)
+
+
 def temp_store(conn: sqlite3.Connection) -> int:
     value: int = conn.execute("PRAGMA temp_store").fetchone()[0]
     return value

@@ -119,10 +119,10 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA cache_size=-16384")  # 16 MiB of pages (SQLite's default is 2 MiB)
-    # A batch runs each operation in a savepoint; the pages those touch are journalled for a
-    # rollback. Past 64 KiB SQLite spilled that journal to a temporary file (a dozen writes per
-    # callback at batches of 50, and a writable temp folder needed); in memory it stays, bounded
-    # by the batch (_MAX_BATCH, _MAX_FRAME).
+    # A batch run again after a failure puts each operation in a savepoint (`commit`); the pages
+    # those touch are journalled for a rollback. Past 64 KiB SQLite spilled that journal to a
+    # temporary file (a dozen writes per callback at batches of 50, and a writable temp folder
+    # needed); in memory it stays, bounded by the batch (_MAX_BATCH, _MAX_FRAME).
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
@@ -372,18 +372,28 @@ def commit(conn: sqlite3.Connection, frames: list[bytes]) -> list[tuple[bool, An
 
     The batch runs straight through, without a savepoint per operation: two statements each
     (SAVEPOINT, RELEASE) were a measurable share of a callback's write. An operation refused by
-    a decision before it changed a row (a callback for another upstream task, say) has nothing to
-    undo: its error is its outcome and the batch goes on. Any other failure rolls the transaction
-    back and the batch runs again with each operation in a savepoint, so the one that fails is
-    undone alone (a batch of one just keeps its failure)."""
+    a decision before it changed anything (a callback for another upstream task, say) has
+    nothing to undo: its error is its outcome and the batch goes on. Any other failure rolls the
+    transaction back and the batch runs again with each operation in a savepoint, so the one
+    that fails is undone alone (a batch of one just keeps its failure).
+
+    "Changed nothing" is read from the connection: no row changed (`total_changes`, to which a
+    failed statement adds nothing), the schema is as the batch found it, and the transaction is
+    still open. Rows changed by a statement are counted when it is read to its end, so an
+    operation that refuses after a write must have read its statements whole; the stores'
+    operations refuse before they write, or through a failed statement."""
     try:
         conn.execute("BEGIN IMMEDIATE")
+        schema = _schema_version(conn)
     except sqlite3.Error as exc:
-        return [(False, StoreError(str(exc)))] * len(frames)
-    outcomes, failure = _straight(conn, frames)
-    if failure is not None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        return [(False, StoreError(str(exc)))] * len(frames)
+    outcomes, failure = _straight(conn, frames, schema)
+    if failure is not None:
+        if not conn.in_transaction:  # SQLite ended the transaction itself: the whole batch is lost
+            return [(False, failure if len(frames) == 1 else _lost(failure))] * len(frames)
+        conn.execute("ROLLBACK")
         if len(frames) == 1:
             return [(False, failure)]
         try:
@@ -400,20 +410,35 @@ def commit(conn: sqlite3.Connection, frames: list[bytes]) -> list[tuple[bool, An
     return outcomes
 
 
-def _straight(conn: sqlite3.Connection, frames: list[bytes]) -> tuple[list[tuple[bool, Any]], Exception | None]:
-    """The operations' outcomes; or, when one fails leaving something to undo, that failure."""
+def _straight(
+    conn: sqlite3.Connection, frames: list[bytes], schema: int
+) -> tuple[list[tuple[bool, Any]], Exception | None]:
+    """The operations' outcomes; or, when one fails leaving something to undo (or the
+    transaction ended under it), that failure."""
     outcomes: list[tuple[bool, Any]] = []
     for frame in frames:
-        changed = conn.total_changes  # rows changed on this connection: a failed statement adds none
+        changed = conn.total_changes
         try:
             outcomes.append((True, pickle.loads(frame)(conn)))
-        except ApiError as exc:  # a refusal, which has nothing to undo if no row changed before it
-            if conn.total_changes != changed or not conn.in_transaction:
+        except ApiError as exc:  # a refusal: nothing to undo if nothing changed before it
+            if conn.total_changes != changed or not conn.in_transaction or _schema_version(conn) != schema:
                 return outcomes, exc
             outcomes.append((False, exc))
         except Exception as exc:
             return outcomes, _failure(exc)
+        else:
+            if not conn.in_transaction:  # an operation swallowed an error that rolled everything back
+                return outcomes, StoreError("the transaction was rolled back during an operation")
     return outcomes, None
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    version: int = conn.execute("PRAGMA schema_version").fetchone()[0]
+    return version
+
+
+def _lost(failure: Exception) -> StoreError:
+    return StoreError(f"the batch's transaction was rolled back: {failure}")
 
 
 def _each_in_a_savepoint(conn: sqlite3.Connection, frames: list[bytes]) -> list[tuple[bool, Any]]:
