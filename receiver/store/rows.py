@@ -73,7 +73,7 @@ def _json(value: Any) -> str | None:
 
 
 #: How each column of `tasks` is written from a Task's field of the same name.
-_TASK_ENCODERS: dict[str, Any] = {
+_TASK_ENCODERS: dict[str, Callable[[Any], Any]] = {
     "state": lambda state: state.value,
     "request": dumps,
     "result": _json,
