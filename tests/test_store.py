@@ -171,6 +171,7 @@ def test_a_tasks_row_holds_every_column_and_an_update_only_the_changed_ones_enco
     assert changes == {column: task_params(after)[column] for column in changes}
     assert changes["state"] == "succeeded" and changes["warnings"] == '["w"]'
     assert task_changes(after, after.replace(request=dict(after.request))) == {}  # equal, not the same object
+    assert "id" not in task_changes(before, after.replace(id="tsk_other"))  # the row is found by its id
 
 
 async def test_idempotency_keys(store: Store) -> None:

@@ -89,7 +89,7 @@ from receiver.store.rows import (
     callback_from_row,
     check_subscription_changes,
     delivery_from_row,
-    dumps,
+    dumps_optional,
     job_from_row,
     page_query,
     subscription_from_row,
@@ -826,7 +826,7 @@ class PostgresStore:
                 "UPDATE jobs SET run_at = $1, attempts = attempts + 1, payload = COALESCE($2, payload),"
                 " lease_owner = NULL, lease_until = NULL WHERE id = $3",
                 reschedule_at,
-                None if payload is None else dumps(payload),
+                dumps_optional(payload),
                 job_id,
             )
 

@@ -68,7 +68,8 @@ def _loads(value: str | bytes | None) -> Any:
     return None if value is None else orjson.loads(value)
 
 
-def _json(value: Any) -> str | None:
+def dumps_optional(value: Any) -> str | None:
+    """`dumps`, keeping None a NULL."""
     return None if value is None else dumps(value)
 
 
@@ -76,8 +77,8 @@ def _json(value: Any) -> str | None:
 _TASK_ENCODERS: dict[str, Callable[[Any], Any]] = {
     "state": lambda state: state.value,
     "request": dumps,
-    "result": _json,
-    "error": _json,
+    "result": dumps_optional,
+    "error": dumps_optional,
     "metadata": dumps,
     "warnings": lambda warnings: dumps(list(warnings)),
 }
@@ -100,7 +101,7 @@ def task_changes(before: Task, after: Task) -> dict[str, Any]:
     encoded (a callback's write changes five of the seventeen)."""
     changes = {}
     for column, old, new in zip(_TASK_FIELDS, fields_of(before), fields_of(after), strict=True):
-        if old is not new and old != new:
+        if old is not new and old != new and column != "id":  # the row is found by its id
             encode = _TASK_ENCODERS.get(column)
             changes[column] = new if encode is None else encode(new)
     return changes

@@ -67,7 +67,7 @@ from receiver.store.rows import (
     callback_from_row,
     check_subscription_changes,
     delivery_from_row,
-    dumps,
+    dumps_optional,
     job_from_row,
     page_query,
     subscription_from_row,
@@ -883,5 +883,5 @@ def _finish_job(conn: sqlite3.Connection, *, job_id: str, reschedule_at: float |
     conn.execute(
         "UPDATE jobs SET run_at = ?, attempts = attempts + 1, payload = COALESCE(?, payload),"
         " lease_owner = NULL, lease_until = NULL WHERE id = ?",
-        (reschedule_at, None if payload is None else dumps(payload), job_id),
+        (reschedule_at, dumps_optional(payload), job_id),
     )
