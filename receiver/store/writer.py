@@ -5,7 +5,8 @@
     value = await writer.run(partial(_record_callback, callback=…, report=…, now=…))
 
 Every write is a picklable operation, `op(conn) -> value`: a module-level
-function, usually wrapped in functools.partial. Operations queued while a
+function, usually wrapped in functools.partial, or a small callable object
+that pickles cheaply (the one every callback sends, `sqlite.RecordCallback`). Operations queued while a
 batch is being committed travel together as the next batch, which the writer
 runs in one transaction and commits once: many durable writes share one
 fsync. An operation that fails is undone alone (the batch is run again with
