@@ -681,14 +681,17 @@ def scenario_instructions(args: argparse.Namespace, work: Path, report: Report) 
     base = _instructions(baseline_server(work), urls, count)
     urls.cursor = 0
     receiver = _instructions(receiver_server(work, f"sqlite:///{database}"), urls, count)
-    loop, writer = receiver.get("loop", 0) / count, receiver.get("writer", 0) / count
-    bare = base.get("loop", 0) / count
+    if not base.get("loop") or not receiver.get("loop") or not receiver.get("writer"):
+        report.notes.append(f"instructions: callgrind gave no count (bare endpoint {base}, receiver {receiver})")
+        return
+    loop, writer = receiver["loop"] / count, receiver["writer"] / count
+    bare = base["loop"] / count
     report.figures["instructions"] = {
         "callbacks": count,
         "baseline_per_request": round(bare),
         "receiver_loop_per_callback": round(loop),
         "receiver_writer_per_callback": round(writer),
-        "ratio": round(bare / (loop + writer), 3) if loop + writer else None,
+        "ratio": round(bare / (loop + writer), 3),
     }
     report.notes.append(
         f"instructions per callback (callgrind, {count} callbacks at 8 connections): bare endpoint {bare / 1e3:,.0f}k;"
