@@ -7,12 +7,21 @@ into a walk over the whole table without failing any test of behaviour.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from receiver.store.sqlite import DUE_FOR_EXPIRY, _migrate, delete_jobs_sql
+from receiver.store.sqlite import (
+    _INSERT_CALLBACK,
+    _INSERT_DELIVERY,
+    _INSERT_EVENT,
+    DUE_FOR_EXPIRY,
+    _migrate,
+    _update_task_sql,
+    delete_jobs_sql,
+)
 
 
 @pytest.fixture
@@ -20,6 +29,13 @@ def conn(tmp_path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(tmp_path / "plans.db", isolation_level=None)
     _migrate(conn)
     return conn
+
+
+def ephemeral_tables(conn: sqlite3.Connection, sql: str) -> int:
+    """How many temporary b-trees the compiled statement opens each time it runs."""
+    names = re.findall(r":(\w+)", sql)
+    params = dict.fromkeys(names) if names else (None,) * sql.count("?")
+    return sum(row[1] == "OpenEphemeral" for row in conn.execute("EXPLAIN " + sql, params))
 
 
 def plan(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> str:
@@ -36,3 +52,20 @@ def test_the_expiry_sweep_reads_only_open_tasks_due(conn: sqlite3.Connection) ->
 def test_deleting_a_tasks_jobs_finds_them_by_task(conn: sqlite3.Connection, kept: int) -> None:
     steps = plan(conn, delete_jobs_sql(kept), ("tsk_1", *["poll"] * kept))
     assert "USING INDEX jobs_task (task_id=?)" in steps and "SCAN" not in steps, steps
+
+
+# What every callback runs: the task's update (the columns a callback changes), its event and
+# deliveries, its log row. A temporary b-tree costs a page allocated and zeroed per run; the
+# partial index's `state IN ('queued', 'submitted', 'running')` cost two on every task update.
+@pytest.mark.parametrize(
+    "sql",
+    [
+        _update_task_sql(("state", "result", "sequence", "updated_at", "completed_at")),
+        _update_task_sql(("state", "upstream_task_id", "sequence", "updated_at")),
+        _INSERT_CALLBACK,
+        _INSERT_EVENT,
+        _INSERT_DELIVERY,
+    ],
+)
+def test_a_callbacks_writes_build_no_temporary_btree(conn: sqlite3.Connection, sql: str) -> None:
+    assert ephemeral_tables(conn, sql) == 0

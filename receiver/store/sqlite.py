@@ -85,14 +85,17 @@ log = get_logger("receiver.store")
 _MAX_BATCH = 512
 _OPEN_STATES = tuple(s.value for s in TaskState if s not in TERMINAL_STATES)
 
+#: The condition of the partial index `tasks_open_expiry` (migration 0004), word for word: SQLite
+#: uses a partial index only for a query whose WHERE repeats its condition. Equalities joined by
+#: OR, not `IN (…)`, which SQLite evaluates through a temporary b-tree on every task update.
+OPEN_TASK = "(" + " OR ".join(f"state = '{state}'" for state in _OPEN_STATES) + ")"
+
 #: Open tasks whose time is up, soonest first (`?`: now, limit). The states are written out and
-#: the index named: with `state IN (?, ?, ?)` SQLite cannot tell the query stays inside the
-#: partial index `tasks_open_expiry`, and it walked every open task through `tasks_state` and
-#: sorted them instead (100 ms of the writer's time every 5 s at 300,000 open tasks).
+#: the index named: with bound states SQLite cannot tell the query stays inside the partial
+#: index, and it walked every open task through `tasks_state` and sorted them instead (100 ms of
+#: the writer's time every 5 s at 300,000 open tasks).
 DUE_FOR_EXPIRY = (
-    "FROM tasks INDEXED BY tasks_open_expiry"
-    f" WHERE state IN ({', '.join(repr(state) for state in _OPEN_STATES)}) AND expires_at <= ?"
-    " ORDER BY expires_at LIMIT ?"
+    f"FROM tasks INDEXED BY tasks_open_expiry WHERE {OPEN_TASK} AND expires_at <= ? ORDER BY expires_at LIMIT ?"
 )
 
 
