@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from receiver.store import migrations
 from receiver.store.sqlite import (
     _INSERT_CALLBACK,
     _INSERT_DELIVERY,
     _INSERT_EVENT,
     DUE_FOR_EXPIRY,
     _migrate,
+    _statements,
     _update_task_sql,
     delete_jobs_sql,
 )
@@ -69,3 +71,24 @@ def test_deleting_a_tasks_jobs_finds_them_by_task(conn: sqlite3.Connection, kept
 )
 def test_a_callbacks_writes_build_no_temporary_btree(conn: sqlite3.Connection, sql: str) -> None:
     assert ephemeral_tables(conn, sql) == 0
+
+
+def test_a_database_from_before_0004_gets_the_index_the_sweep_reads(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
+    conn.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    for migration in migrations.load("sqlite"):
+        if migration.version >= "0004":
+            break
+        for statement in _statements(migration.sql):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (migration.version,))
+    assert "state IN" in _index_sql(conn)
+
+    assert _migrate(conn) == ["0004_open_expiry_without_in"]
+    assert "state IN" not in _index_sql(conn)
+    assert "USING INDEX tasks_open_expiry" in plan(conn, f"SELECT id {DUE_FOR_EXPIRY}", (0.0, 100))
+
+
+def _index_sql(conn: sqlite3.Connection) -> str:
+    sql: str = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks_open_expiry'").fetchone()[0]
+    return sql
