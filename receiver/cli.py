@@ -313,6 +313,10 @@ def run_migrate(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from receiver.demo import run
 
+    # The demo narrates every step itself; of the receiver's own log only errors matter here (a
+    # warning such as an unset provider webhook secret is about a deployment, not the demo), and
+    # those as JSON lines on stderr, not the bare event names Python prints unconfigured.
+    configure_logging("error")
     return asyncio.run(run(json_lines=args.json))
 
 
