@@ -304,8 +304,6 @@ async def test_an_answer_that_cannot_be_read_fails_its_caller_alone(tmp_path: Pa
 
 
 def test_a_record_callback_operation_arrives_whole() -> None:
-    import pickle
-
     from receiver.store.base import IncomingCallback, Lease
     from receiver.store.sqlite import RecordCallback
     from receiver.tasks import Report
@@ -322,8 +320,6 @@ def test_a_record_callback_operation_arrives_whole() -> None:
 
 
 def test_an_applied_answer_arrives_whole_whatever_its_transition_holds() -> None:
-    import pickle
-
     from receiver.store.base import Applied, Delivery, DeliveryJob, Subscription
     from receiver.tasks import JobSpec, Transition
     from receiver.types import DeliveryStatus, EventType, Verdict

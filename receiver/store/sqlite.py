@@ -3,8 +3,9 @@
 Writes go through one writer connection in its own process (store/writer.py).
 Concurrent requests hand it their work as picklable functions of the
 connection (the `_…` operations below); it runs everything queued in one
-transaction (each piece in its own savepoint) and commits once, then answers
-them all — group commit, so many durable writes share one fsync. Reads use a
+transaction and commits once, then answers them all — group commit, so many
+durable writes share one fsync (a piece that fails is undone alone: see
+`writer.commit`). Reads use a
 separate aiosqlite connection in this process; WAL lets them run beside writes.
 
     store = SQLiteStore("./data/receiver.db", clock=time.time)
