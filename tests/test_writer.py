@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from receiver.errors import NotFound, StoreError
-from receiver.store.writer import WriterProcess, commit, connect
+from receiver.store.writer import WriterProcess, _launcher, commit, connect
 
 pytestmark = pytest.mark.anyio
 
@@ -242,6 +242,39 @@ async def test_a_writer_that_dies_is_replaced(tmp_path: Path) -> None:
             pytest.fail("no new writer started")
         assert await writer.run(partial(insert, x=2)) == 2
     finally:
+        await writer.stop()
+
+
+async def test_a_writer_is_replaced_when_its_helper_dies_in_the_middle_of_starting_it(tmp_path: Path) -> None:
+    """The writer and its helper killed together (as a crash or an OOM kill may): the receiver's
+    request to the dying helper goes unanswered, and a new helper must then start the writer."""
+    writer = await started(tmp_path / "w.db")
+    helper = _launcher._helper
+    assert helper is not None
+    try:
+        await writer.run(partial(insert, x=1))
+        os.kill(helper.pid, signal.SIGSTOP)  # holds the replacement's request unanswered…
+        os.kill(pid_of_writer(writer), signal.SIGKILL)
+        for _ in range(1000):
+            if _launcher._lock.locked():  # …while the receiver waits for its answer
+                break
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("no replacement was asked for")
+        os.kill(helper.pid, signal.SIGKILL)  # …then the helper dies without answering
+        for _ in range(500):
+            try:
+                assert await writer.run(count) == 1
+                break
+            except StoreError:
+                await asyncio.sleep(0.01)
+        else:
+            pytest.fail("no new writer started after the helper died")
+        assert _launcher._helper is not None and _launcher._helper.pid != helper.pid
+        assert await writer.run(partial(insert, x=2)) == 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper.pid, signal.SIGKILL)
         await writer.stop()
 
 

@@ -71,27 +71,42 @@ class _Launcher:
         self._helper: subprocess.Popen[bytes] | None = None
 
     def launch(self, sock: socket.socket, path: str) -> int:
-        """Start a writer serving `sock` on the database at `path`; returns its pid (blocking)."""
+        """Start a writer serving `sock` on the database at `path`; returns its pid (blocking).
+
+        A helper that ends before answering (killed together with the writer it forked, say)
+        is a StoreError, and is replaced at the next launch. The request is not repeated here:
+        the helper may have forked a writer on `sock` before it died, so the caller starts
+        again with a new socket pair and closes this one, which ends such a writer."""
         with self._lock:
             if self._control is None or self._helper is None or self._helper.poll() is not None:
                 self._start_helper()
             assert self._control is not None
-            socket.send_fds(self._control, [path.encode()], [sock.fileno()])
-            return int(self._control.recv(64))
+            try:
+                socket.send_fds(self._control, [path.encode()], [sock.fileno()])
+                answer = self._control.recv(64)
+            except OSError:
+                answer = b""
+            if not answer.isdigit():
+                self._end_helper()
+                raise StoreError("the SQLite writer's helper process ended before starting a writer")
+            return int(answer)
 
     def close(self) -> None:
         """End the helper (at interpreter exit): it leaves when its control socket closes."""
         with self._lock:
-            if self._control is not None:
-                self._control.close()
-                self._control = None
-            if self._helper is not None:
-                try:
-                    self._helper.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._helper.kill()
-                    self._helper.wait()
-                self._helper = None
+            self._end_helper()
+
+    def _end_helper(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._helper is not None:
+            try:
+                self._helper.wait(5)
+            except subprocess.TimeoutExpired:
+                self._helper.kill()
+                self._helper.wait()
+            self._helper = None
 
     def _start_helper(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -154,6 +169,9 @@ class WriterProcess:
         mine, theirs = socket.socketpair()
         try:
             self._pid = await asyncio.to_thread(_launcher.launch, theirs, self.path)
+        except BaseException:
+            mine.close()  # a writer forked before its helper died reads EOF and ends
+            raise
         finally:
             theirs.close()
         reader, self._stream = await asyncio.open_connection(sock=mine)
@@ -276,8 +294,8 @@ class WriterProcess:
         while not self._stopping:
             try:
                 await self.start()
-            except StoreError as exc:
-                log.error("store.writer_restart_failed", backend="sqlite", error=str(exc)[:200])
+            except Exception as exc:  # whatever it was, the store stays down until a writer runs: try again
+                log.error("store.writer_restart_failed", backend="sqlite", error=repr(exc)[:200])
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             else:
