@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from receiver.errors import NotFound, StoreError
+from receiver.store import writer as writer_module
 from receiver.store.writer import WriterProcess, _launcher, commit, connect
 
 pytestmark = pytest.mark.anyio
@@ -275,6 +276,35 @@ async def test_a_writer_is_replaced_when_its_helper_dies_in_the_middle_of_starti
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(helper.pid, signal.SIGKILL)
+        await writer.stop()
+
+
+async def test_answers_that_cannot_be_read_replace_the_writer_rather_than_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever stops the receiver from reading the writer's answers fails what waits on them
+    (a 503 to a provider, which retries) and starts a new writer; nothing waits for ever."""
+    writer = await started(tmp_path / "w.db")
+    try:
+        real = writer_module._read_frame
+
+        async def garbled(reader: asyncio.StreamReader) -> list[bytes]:
+            monkeypatch.setattr(writer_module, "_read_frame", real)  # once
+            raise ValueError("a frame that does not parse")
+
+        monkeypatch.setattr(writer_module, "_read_frame", garbled)
+        await writer.run(partial(insert, x=1))  # its answer was being read already
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(writer.run(partial(insert, x=2)), 10)
+        for _ in range(500):
+            try:
+                assert await writer.run(partial(insert, x=3)) == 3
+                break
+            except StoreError:
+                await asyncio.sleep(0.01)
+        else:
+            pytest.fail("no new writer started")
+    finally:
         await writer.stop()
 
 

@@ -271,7 +271,7 @@ class WriterProcess:
                 self.operations += len(futures)
                 if self._pending:
                     self._ship()
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        except Exception as exc:  # the writer died, or its answers no longer match their callers: replace it
             self._broken = self._broken or "the writer process ended"
             failure = StoreError("the SQLite writer stopped before answering")
             for future in [f for batch in self._inflight for f in batch] + [f for _, f in self._pending]:
