@@ -767,6 +767,62 @@ def print_table(report: Report) -> None:
         print(f"note: {note}")
 
 
+#: The figures compared with earlier runs: (scenario, figure, label, whether higher is better).
+HEADLINES = (
+    ("ingest", "ratio", "ingest: receiver / bare endpoint", True),
+    ("ingest", "receiver_rps", "ingest: receiver req/s", True),
+    ("ingest", "receiver_p99_ms", "ingest: receiver p99 ms", False),
+    ("ingest", "peak_rss_mb", "ingest: peak memory MB", False),
+    ("latency", "end_to_end_p50_ms", "callback → subscriber p50 ms", False),
+    ("latency", "end_to_end_p99_ms", "callback → subscriber p99 ms", False),
+    ("fanout", "deliveries_per_second", "fan-out deliveries/s", True),
+    ("postgres", "ratio_to_baseline", "PostgreSQL: receiver / bare endpoint", True),
+    ("soak", "growth", "soak: memory growth", False),
+    ("instructions", "receiver_loop_per_callback", "instructions: request loop", False),
+    ("instructions", "receiver_writer_per_callback", "instructions: SQLite writer", False),
+)
+
+
+def compare_with_earlier(figures: dict[str, Any], results: Path, *, quick: bool) -> list[str]:
+    """Each headline figure of this run beside the same figure in the latest earlier results file
+    that has it (quick runs are compared with quick runs only), and the change."""
+    earlier = sorted((path for path in results.glob("*.json") if path.stem.endswith("-quick") == quick), reverse=True)
+    documents: list[tuple[str, dict[str, Any]]] = []
+    for path in earlier:
+        with contextlib.suppress(OSError, ValueError):
+            documents.append((path.stem, json.loads(path.read_text()).get("figures", {})))
+    lines = []
+    for scenario, name, label, higher_is_better in HEADLINES:
+        now = figures.get(scenario, {}).get(name)
+        if not isinstance(now, int | float):
+            continue
+        found = next(
+            (
+                (stem, doc[scenario][name])
+                for stem, doc in documents
+                if isinstance(doc.get(scenario, {}).get(name), int | float)
+            ),
+            None,
+        )
+        if found is None:
+            continue
+        stem, before = found
+        if before == now:
+            change = "same"
+        elif before == 0:
+            change = "new"
+        else:
+            percent = (now - before) / abs(before) * 100
+            better = (now > before) == higher_is_better
+            change = f"{percent:+.1f} % ({'better' if better else 'worse'})"
+        lines.append(f"{label}: {_figure(before)} ({stem}) → {_figure(now)}, {change}")
+    return lines
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
@@ -806,6 +862,11 @@ def main(argv: list[str] | None = None) -> int:
             SCENARIOS[name](args, Path(folder), report)
     print()
     print_table(report)
+    compared = compare_with_earlier(report.figures, args.results, quick=args.quick)
+    if compared:
+        print("\ncompared with the latest earlier run that has each figure (bench/results/):")
+        for line in compared:
+            print(f"  {line}")
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
     document = {
         "date": stamp,

@@ -29,3 +29,31 @@ def test_the_benchmarks_run_and_write_their_figures(tmp_path: Path) -> None:
     assert figures["latency"]["missing"] == 0
     assert figures["fanout"]["deliveries_received"] == figures["fanout"]["deliveries_expected"]
     assert "ingest: bare Starlette endpoint" in done.stdout
+
+
+def test_a_run_is_compared_with_the_latest_earlier_run_that_has_each_figure(tmp_path: Path) -> None:
+    from bench.run import compare_with_earlier
+
+    def write(stamp: str, figures: dict[str, dict[str, float]]) -> None:
+        (tmp_path / f"{stamp}.json").write_text(json.dumps({"date": stamp, "figures": figures}))
+
+    first = {"ingest": {"ratio": 0.2, "receiver_p99_ms": 20.0}, "fanout": {"deliveries_per_second": 4000.0}}
+    write("2026-12-01T10-00-00", first)
+    write("2026-12-02T10-00-00", {"ingest": {"ratio": 0.25}})  # an ingest-only run: no fan-out figure
+    write("2026-12-03T10-00-00-quick", {"ingest": {"ratio": 0.9}})  # smoke runs are not compared with full ones
+    (tmp_path / "2026-12-04T10-00-00.json").write_text("not json")  # skipped
+
+    now = {
+        "ingest": {"ratio": 0.3, "receiver_p99_ms": 25.0},
+        "fanout": {"deliveries_per_second": 4000},
+        "soak": {"growth": 0.01},  # in no earlier run: not compared
+    }
+    lines = compare_with_earlier(now, tmp_path, quick=False)
+
+    assert lines == [
+        "ingest: receiver / bare endpoint: 0.25 (2026-12-02T10-00-00) → 0.3, +20.0 % (better)",
+        "ingest: receiver p99 ms: 20 (2026-12-01T10-00-00) → 25, +25.0 % (worse)",
+        "fan-out deliveries/s: 4,000 (2026-12-01T10-00-00) → 4,000, same",
+    ]
+    assert compare_with_earlier(now, tmp_path, quick=True)[0].startswith("ingest: receiver / bare endpoint: 0.9 (")
+    assert compare_with_earlier(now, tmp_path / "none", quick=False) == []
