@@ -1,10 +1,11 @@
 """Benchmarks of the receiver against a bare Starlette baseline measured in the same run.
 
-    bench/run                      # everything (about 3 minutes)
+    bench/run                      # everything (about 4 minutes)
     bench/run --only ingest        # one scenario; --quick for a short smoke run
 
 Every server runs on 127.0.0.1 in its own process; every load is bounded in
-time; the figures are printed as a table and written to bench/results/.
+time; the figures are printed as a table, each headline figure beside the
+latest earlier run's, and written to bench/results/.
 """
 
 from __future__ import annotations
@@ -785,24 +786,21 @@ HEADLINES = (
 
 def compare_with_earlier(figures: dict[str, Any], results: Path, *, quick: bool) -> list[str]:
     """Each headline figure of this run beside the same figure in the latest earlier results file
-    that has it (quick runs are compared with quick runs only), and the change."""
+    that has it (quick runs are compared with quick runs only), and the change. Files that do not
+    read as results are passed over."""
     earlier = sorted((path for path in results.glob("*.json") if path.stem.endswith("-quick") == quick), reverse=True)
-    documents: list[tuple[str, dict[str, Any]]] = []
+    documents: list[tuple[str, Any]] = []
     for path in earlier:
         with contextlib.suppress(OSError, ValueError):
-            documents.append((path.stem, json.loads(path.read_text()).get("figures", {})))
+            document = json.loads(path.read_text())
+            documents.append((path.stem, document.get("figures") if isinstance(document, dict) else None))
     lines = []
     for scenario, name, label, higher_is_better in HEADLINES:
-        now = figures.get(scenario, {}).get(name)
-        if not isinstance(now, int | float):
+        now = _number(figures, scenario, name)
+        if now is None:
             continue
         found = next(
-            (
-                (stem, doc[scenario][name])
-                for stem, doc in documents
-                if isinstance(doc.get(scenario, {}).get(name), int | float)
-            ),
-            None,
+            ((stem, value) for stem, doc in documents if (value := _number(doc, scenario, name)) is not None), None
         )
         if found is None:
             continue
@@ -817,6 +815,13 @@ def compare_with_earlier(figures: dict[str, Any], results: Path, *, quick: bool)
             change = f"{percent:+.1f} % ({'better' if better else 'worse'})"
         lines.append(f"{label}: {_figure(before)} ({stem}) → {_figure(now)}, {change}")
     return lines
+
+
+def _number(figures: Any, scenario: str, name: str) -> float | None:
+    """`figures[scenario][name]` when it is a number, else None."""
+    section = figures.get(scenario) if isinstance(figures, dict) else None
+    value = section.get(name) if isinstance(section, dict) else None
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _figure(value: float) -> str:
@@ -864,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     compared = compare_with_earlier(report.figures, args.results, quick=args.quick)
     if compared:
-        print("\ncompared with the latest earlier run that has each figure (bench/results/):")
+        print(f"\ncompared with the latest earlier run in {args.results} that has each figure:")
         for line in compared:
             print(f"  {line}")
     stamp = time.strftime("%Y-%m-%dT%H-%M-%S")

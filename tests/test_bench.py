@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,14 +35,16 @@ def test_the_benchmarks_run_and_write_their_figures(tmp_path: Path) -> None:
 def test_a_run_is_compared_with_the_latest_earlier_run_that_has_each_figure(tmp_path: Path) -> None:
     from bench.run import compare_with_earlier
 
-    def write(stamp: str, figures: dict[str, dict[str, float]]) -> None:
+    def write(stamp: str, figures: dict[str, Any]) -> None:
         (tmp_path / f"{stamp}.json").write_text(json.dumps({"date": stamp, "figures": figures}))
 
     first = {"ingest": {"ratio": 0.2, "receiver_p99_ms": 20.0}, "fanout": {"deliveries_per_second": 4000.0}}
     write("2026-12-01T10-00-00", first)
     write("2026-12-02T10-00-00", {"ingest": {"ratio": 0.25}})  # an ingest-only run: no fan-out figure
     write("2026-12-03T10-00-00-quick", {"ingest": {"ratio": 0.9}})  # smoke runs are not compared with full ones
-    (tmp_path / "2026-12-04T10-00-00.json").write_text("not json")  # skipped
+    (tmp_path / "2026-12-04T10-00-00.json").write_text("not json")  # skipped, as are files not shaped as results
+    (tmp_path / "2026-12-05T10-00-00.json").write_text("[1, 2]")
+    write("2026-12-06T10-00-00", {"ingest": {"ratio": "n/a", "receiver_p99_ms": True}, "fanout": []})
 
     now = {
         "ingest": {"ratio": 0.3, "receiver_p99_ms": 25.0},
