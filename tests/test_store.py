@@ -1035,6 +1035,35 @@ async def test_postgres_the_listener_survives_a_terminated_connection(logs, monk
 
 
 @needs_postgres
+async def test_postgres_the_listener_keeps_watching_after_a_catch_up_that_fails_unexpectedly(logs, monkeypatch) -> None:
+    async with instances() as (a, b):
+        listener = b._listener
+        assert listener is not None
+        catch_up = b._catch_up
+        calls = 0
+
+        async def broken_once(since: float) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("not a database error")
+            await catch_up(since)
+
+        monkeypatch.setattr(b, "_catch_up", broken_once)
+        for lost in (1, 2):  # the first catch-up fails in a way nobody planned for; the watch goes on
+            pid = listener.pid
+            assert await a._fetch("SELECT pg_terminate_backend($1)", pid)
+            await eventually(lambda lost=lost: listener.reconnects == lost and listener.conn is not None)
+            assert listener.pid not in (None, pid)
+        assert calls == 2
+        assert [r.levelname for r in logs.records if r.getMessage() == "store.catch_up_failed"] == ["ERROR"]
+        task = await submitted(a)
+        with b.feed.listen(task.id) as on_b:
+            await a.transition(task.id, partial(cancel, now=time.time()))
+            await reaches(on_b, TaskState.CANCELLED)
+
+
+@needs_postgres
 async def test_postgres_watchers_hear_what_the_other_instances_store() -> None:
     async with instances() as (a, b):
         task = await submitted(a)

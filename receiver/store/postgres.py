@@ -1131,6 +1131,9 @@ class _Listener:
             except StoreError as exc:
                 log.warning("store.catch_up_failed", backend="postgresql", error=str(exc)[:200])
                 self.store.feed.wake_all()
+            except Exception as exc:  # a bug in the catch-up must not end the watch over the link
+                log.error("store.catch_up_failed", backend="postgresql", error=repr(exc)[:200], exc_info=True)
+                self.store.feed.wake_all()
 
     @staticmethod
     async def _watch(conn: Any) -> None:
