@@ -76,6 +76,7 @@ RULES = [
                  id="image-input-not-a-list"),
     pytest.param({**XE_GPT, "image_input": ["ftp://cdn.example/a.png"]}, [], "image_input",
                  id="image-input-not-http"),
+    pytest.param({**XE_GPT, "image_input": ["http://[::1"]}, [], "image_input", id="image-input-unclosed-ipv6-host"),
     # --- xenodia nano-banana-pro -----------------------------------------------------------------
     pytest.param({**XE_NBP, "output_format": "webp"}, [], "output_format", id="nano-banana-pro-webp"),
     pytest.param({**XE_NBP, "resolution": "1080p"}, [], "resolution", id="nano-banana-pro-resolution"),
@@ -104,6 +105,8 @@ RULES = [
     pytest.param({**ROUTER, "aspect_ratio": "square"}, [], "aspect_ratio", id="router-aspect-ratio"),
     pytest.param({**ROUTER, "resolution": "3K"}, [], "resolution", id="router-resolution"),
     pytest.param({**ROUTER, "input_references": ["/etc/x"]}, [], "input_references", id="router-reference-path"),
+    pytest.param({**ROUTER, "input_references": ["https://[zz]/a.png"]}, [], "input_references",
+                 id="router-reference-bad-ipv6-host"),
     pytest.param({**ROUTER, "seed": 1.5}, [], "seed", id="router-seed-not-integer"),
     pytest.param({**ROUTER, "stream": True}, [], "stream", id="router-stream"),
     pytest.param({**ROUTER, "provider_options": "openai"}, [], "provider_options", id="router-provider-options"),

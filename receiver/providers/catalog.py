@@ -269,7 +269,10 @@ def _show(value: Any) -> str:
 
 
 def _is_url(value: str) -> bool:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unclosed "[" in the host: not a URL anyone can fetch
+        return False
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
