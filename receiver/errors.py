@@ -158,16 +158,23 @@ class Conflict(ApiError):
 
 
 class TaskMismatch(Conflict):
-    """A callback names another upstream task than the one its token was minted for."""
+    """A callback names another upstream task than the one its token was minted for, or (`taken`)
+    an upstream task that another task of the same provider already has: a task learns its
+    upstream id from its first callback, and one upstream task belongs to one task."""
 
     code = "task_mismatch"
 
-    def __init__(self, task_id: str, expected: str | None, got: str | None) -> None:
-        super().__init__(
-            f"This callback URL belongs to task {task_id}, whose upstream task is {expected!r}; "
-            f"the payload names {got!r}.",
-            details={"task_id": task_id, "upstream_task_id": expected, "payload_task_id": got},
-        )
+    def __init__(self, task_id: str, expected: str | None, got: str | None, *, taken: bool = False) -> None:
+        details: dict[str, Any] = {"task_id": task_id, "upstream_task_id": expected, "payload_task_id": got}
+        if taken:  # the other task is not named: the caller holds this task's URL only
+            message = f"The payload names upstream task {got!r}, which another task has already taken."
+            details["reason"] = "upstream_task_taken"
+        else:
+            message = (
+                f"This callback URL belongs to task {task_id}, whose upstream task is {expected!r}; "
+                f"the payload names {got!r}."
+            )
+        super().__init__(message, details=details)
         self.task_id = task_id
 
 

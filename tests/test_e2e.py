@@ -339,6 +339,12 @@ async def test_callback_urls_for_tasks_submitted_elsewhere(running: Running) -> 
     shown = (await running.api.get(f"/v1/tasks/{task['id']}")).json()
     assert shown["state"] == "succeeded" and shown["upstream_task_id"] == "their-task-1"
     assert_error(await running.post_callback(url, success("their-task-2")), 409, "task_mismatch")
+    # Another minted task cannot take the upstream task the first one already has.
+    other = (await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi"})).json()
+    taken = assert_error(await running.post_callback(other["callback_url"], success("their-task-1")), 409,
+                         "task_mismatch")["error"]
+    assert taken["details"]["reason"] == "upstream_task_taken" and task["id"] not in taken["message"]
+    assert (await running.api.get(f"/v1/tasks/{other['task']['id']}")).json()["state"] == "submitted"
 
     auto = (await running.api.post("/v1/callback-urls", json={})).json()
     assert auto["task"]["provider"] == "auto"

@@ -263,9 +263,13 @@ async def test_an_upstream_id_belongs_to_one_task(store: Store) -> None:
     first = await submitted(store)
     second = make_task()
     await store.create_task(second)
-    with pytest.raises(TaskMismatch):
+    with pytest.raises(TaskMismatch) as caught:
         await store.record_callback(callback(second), succeeded(first.upstream_task_id))
     assert (await store.get_task(second.id)) == second
+    assert caught.value.details == {
+        "task_id": second.id, "upstream_task_id": None, "payload_task_id": first.upstream_task_id,
+        "reason": "upstream_task_taken"}
+    assert f" {first.id}" not in caught.value.message and "already" in caught.value.message
 
 
 async def test_listing_filters_and_pages(store: Store) -> None:

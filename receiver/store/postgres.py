@@ -925,7 +925,7 @@ async def _apply(
     if changes:
         pending.add(_update_task_sql(tuple(changes)), new.id, *changes.values())
         # A unique violation means another task already owns that upstream id.
-        pending.mismatch = TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id)
+        pending.mismatch = TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id, taken=True)
     deliveries = 0
     offered: list[DeliveryJob] = []
     if transition.events:

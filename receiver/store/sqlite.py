@@ -512,7 +512,7 @@ def _apply(
         try:
             conn.execute(_update_task_sql(tuple(changes)), {**changes, "id": new.id})
         except sqlite3.IntegrityError as exc:  # another task already owns that upstream id
-            raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id) from exc
+            raise TaskMismatch(before.id, before.upstream_task_id, new.upstream_task_id, taken=True) from exc
     deliveries = 0
     offered: list[DeliveryJob] = []
     if transition.events:
