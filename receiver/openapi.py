@@ -137,8 +137,10 @@ SCHEMAS: JSON = {
                 "enum": ["verified", "unchecked", None],
                 "description": "Replicate/fal only: verified, or unchecked when no secret is configured.",
             },
-            "headers": {"type": "object"},
-            "body": {},
+            "headers": {"type": "object", "description": "The headers kept (provider signatures, content type, …)."},
+            "body": {"description": "The body parsed as JSON (as text when it is not JSON)."},
+            "raw_body": {"type": "string", "description": "The body byte for byte as received."},
+            "raw_body_encoding": {"type": "string", "enum": ["utf-8", "base64"]},
         },
     },
     "CallbackAck": {

@@ -104,6 +104,20 @@ async def test_duplicate_callbacks_change_nothing(running: Running, fake_provide
 
 
 @on_every_database
+async def test_the_callback_log_shows_each_body_byte_for_byte(running: Running, fake_provider) -> None:
+    fake, _ = fake_provider
+    task, url = await submit_silent(running, fake)
+    # What parsing would change: a number past double precision, an escape, spacing, key order.
+    raw = ('{ "task_id" : "' + task["upstream_task_id"] + '", "success":true, "trace_id":"t\\u0061",\n'
+           ' "big": 12345678901234567890123, "data": {"created": 1, "data": [{"url": "https://cdn.example/a.png"}]}}')
+    answer = await running.post_callback(url, content=raw.encode(), headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    logged = (await running.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+    assert logged[0]["raw_body"] == raw and logged[0]["raw_body_encoding"] == "utf-8"
+    assert logged[0]["body"]["trace_id"] == "ta" and logged[0]["body"]["task_id"] == task["upstream_task_id"]
+
+
+@on_every_database
 async def test_late_and_conflicting_callbacks_are_ignored(running: Running, fake_provider) -> None:
     fake, _ = fake_provider
     task, url = await submit_silent(running, fake)

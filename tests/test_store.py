@@ -26,6 +26,7 @@ from receiver.store.base import (
     IdempotencyKey,
     IncomingCallback,
     Store,
+    StoredCallback,
     Subscription,
     TaskQuery,
 )
@@ -247,6 +248,14 @@ async def test_callbacks_keep_whether_their_provider_signature_was_checked(store
     logged = await store.list_callbacks(task.id)
     assert [c.provider_signature for c in logged] == ["verified", "unchecked", None]
     assert logged[1].to_api()["provider_signature"] == "unchecked"
+
+
+def test_a_stored_callback_shows_its_raw_body_as_base64_when_it_is_not_utf8() -> None:
+    stored = StoredCallback(id="cb_1", task_id="tsk_1", received_at=0.0, body=b"\xff\xfe{}", headers={},
+                            verdict=Verdict.ACCEPTED, reason=None, dialect=None, reported_state=None)
+    shown = stored.to_api()
+    assert (shown["raw_body"], shown["raw_body_encoding"]) == ("//57fQ==", "base64")
+    assert shown["body"] == "\ufffd\ufffd{}"  # for reading only
 
 
 async def test_a_mismatched_callback_stores_nothing(store: Store) -> None:

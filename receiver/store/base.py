@@ -9,6 +9,7 @@ change can never lose or invent a notification. Backends: `sqlite.py`
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,10 +85,17 @@ class StoredCallback:
     provider_signature: str | None = None
 
     def to_api(self) -> JSON:
+        """`body` parsed for reading; `raw_body` byte for byte as received (UTF-8 text, or base64
+        when the bytes are not UTF-8: `raw_body_encoding`), e.g. to check a provider's signature
+        again or to see what parsing a body normalises (number precision, escapes, spacing)."""
         try:
             body: Any = orjson.loads(self.body)
         except orjson.JSONDecodeError:
             body = self.body.decode("utf-8", "replace")
+        try:
+            raw, encoding = self.body.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            raw, encoding = base64.b64encode(self.body).decode("ascii"), "base64"
         return {
             "id": self.id,
             "task_id": self.task_id,
@@ -101,6 +109,8 @@ class StoredCallback:
             "provider_signature": self.provider_signature,
             "headers": dict(self.headers),
             "body": body,
+            "raw_body": raw,
+            "raw_body_encoding": encoding,
         }
 
 
