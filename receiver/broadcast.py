@@ -53,21 +53,37 @@ class ChangeFeed:
         self._watchers: set[asyncio.Queue[Task | Notice]] = set()
         self._topics: dict[str, asyncio.Event] = {}
         self._taker: Callable[[Sequence[Any]], None] | None = None
+        self._resender: Callable[[Any], None] | None = None
         self.offer_lease: tuple[str, float] | None = None  # (owner, lease seconds) while a taker listens
 
-    def take_offers(self, owner: str, lease_seconds: float, taker: Callable[[Sequence[Any]], None]) -> None:
+    def take_offers(
+        self,
+        owner: str,
+        lease_seconds: float,
+        taker: Callable[[Sequence[Any]], None],
+        resender: Callable[[Any], None] | None = None,
+    ) -> None:
         """Deliveries written from now on that are first in line are leased to `owner` at once and
-        handed to `taker` after commit (the local dispatcher), without a claim round trip."""
+        handed to `taker` after commit (the local dispatcher), without a claim round trip; one
+        asked to be sent again (`Store.retry_delivery`) goes to `resender`, to be sent now."""
         self._taker = taker
+        self._resender = resender
         self.offer_lease = (owner, lease_seconds)
 
     def stop_taking_offers(self) -> None:
         self._taker = None
+        self._resender = None
         self.offer_lease = None
 
     def offer(self, jobs: Sequence[Any]) -> None:
         if self._taker is not None:
             self._taker(jobs)
+
+    def resend(self, job: Any) -> None:
+        if self._resender is not None:
+            self._resender(job)
+        else:
+            self.offer([job])
 
     def publish(self, task: Task) -> None:
         for key in (task.id, None):

@@ -495,6 +495,36 @@ async def test_deliveries_first_in_line_are_leased_at_creation_when_offered(stor
     assert len(await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)) == 1
 
 
+async def test_a_retried_delivery_first_in_line_is_leased_and_handed_over_to_go_now(store: Store) -> None:
+    await store.create_subscription(subscription())
+    task = await submitted(store)
+    ok = AttemptOutcome(Attempt(time.time(), 200, 1.0), DeliveryStatus.SUCCEEDED)
+    failed = AttemptOutcome(Attempt(time.time(), 500, 1.0, error="HTTP 500"), DeliveryStatus.FAILED)
+    [first] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)
+    await store.finish_attempt(first.delivery.id, "w", ok)
+    await store.transition(task.id, partial(apply_report, report=Report(TaskState.RUNNING), now=time.time()))
+    [second] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)
+    await store.finish_attempt(second.delivery.id, "w", failed)
+    resent: list = []
+    store.feed.take_offers("me", 30.0, lambda jobs: None, resent.append)
+    try:
+        await store.retry_delivery(first.delivery.id, now=time.time())
+        [job] = resent
+        assert (job.delivery.id, job.delivery.status, job.delivery.attempt_count) == (
+            first.delivery.id, DeliveryStatus.PENDING, 1)
+        assert job.body == first.body and job.subscription.id == first.subscription.id
+        # Retried too, the later event waits behind the earlier one: not leased, not handed over.
+        await store.retry_delivery(second.delivery.id, now=time.time())
+        assert len(resent) == 1
+        # The first is leased to the dispatcher sending it now; the second waits: no claim takes either.
+        assert await store.claim_deliveries(now=time.time() + 1, limit=10, owner="other", lease_seconds=30) == []
+        await store.finish_attempt(job.delivery.id, "me", ok)
+        [after] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="other", lease_seconds=30)
+        assert after.delivery.id == second.delivery.id
+    finally:
+        store.feed.stop_taking_offers()
+
+
 async def test_an_events_deliveries_are_offered_by_their_own_subscriptions_line(store: Store) -> None:
     await store.create_subscription(subscription())  # "early": subscribed before the task
     offered: list = []

@@ -133,7 +133,7 @@ class Dispatcher:
 
     def start(self) -> None:
         """Take the deliveries this instance's transactions write, leased at once (see the module)."""
-        self.ctx.store.feed.take_offers(self.owner, self.lease_seconds, self.accept)
+        self.ctx.store.feed.take_offers(self.owner, self.lease_seconds, self.accept, self.resend)
 
     def accept(self, jobs: Sequence[DeliveryJob]) -> None:
         """Deliveries leased to this dispatcher at creation: queue what endpoints may take, send."""
@@ -153,6 +153,13 @@ class Dispatcher:
             self._pump(endpoint, now)
         if surplus:  # back to the outbox, for a claim when there is room
             self._background(self.ctx.store.release_deliveries(surplus, self.owner))
+
+    def resend(self, job: DeliveryJob) -> None:
+        """A delivery asked to be sent again (`POST /v1/deliveries/{id}/retry`), leased to this
+        dispatcher: it goes now, past the endpoint's concurrency and even while the endpoint is
+        paused, as its probe (a success resumes the endpoint; a failure keeps it paused)."""
+        endpoint = self._endpoint(job.subscription.id)
+        self._send_now(job, endpoint)
 
     def _background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)
@@ -220,11 +227,13 @@ class Dispatcher:
     def _pump(self, endpoint: _Endpoint, now: float) -> None:
         """Start the endpoint's queued deliveries while it has room."""
         while endpoint.queue and endpoint.in_flight < self._capacity(endpoint, now):
-            job = endpoint.queue.popleft()
-            endpoint.in_flight += 1
-            send = asyncio.create_task(self._deliver(job, endpoint), name=f"receiver-delivery-{job.delivery.id}")
-            self._sends.add(send)
-            send.add_done_callback(self._sends.discard)
+            self._send_now(endpoint.queue.popleft(), endpoint)
+
+    def _send_now(self, job: DeliveryJob, endpoint: _Endpoint) -> None:
+        endpoint.in_flight += 1
+        send = asyncio.create_task(self._deliver(job, endpoint), name=f"receiver-delivery-{job.delivery.id}")
+        self._sends.add(send)
+        send.add_done_callback(self._sends.discard)
 
     def _room(self, endpoint: _Endpoint, now: float) -> int:
         """How many claimed deliveries an endpoint may hold waiting: two more rounds of its capacity."""

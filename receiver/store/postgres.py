@@ -644,16 +644,7 @@ class PostgresStore:
             )
             if not rows:
                 return []
-            subs = {
-                row["id"]: subscription_from_row(row)
-                for row in await conn.fetch(
-                    "SELECT * FROM subscriptions WHERE id = ANY($1::text[])",
-                    list({row["subscription_id"] for row in rows}),
-                )
-            }
-        return [
-            DeliveryJob(delivery_from_row(row), subs[row["subscription_id"]], bytes(row["event_body"])) for row in rows
-        ]
+            return await _delivery_jobs(conn, rows)
 
     async def finish_attempt(self, delivery_id: str, owner: str, outcome: AttemptOutcome) -> None:
         final = outcome.status is not DeliveryStatus.PENDING  # a later event of the task may go now
@@ -761,6 +752,8 @@ class PostgresStore:
         return [delivery_from_row(row, tuple(attempts.get(row["id"], ()))) for row in rows]
 
     async def retry_delivery(self, delivery_id: str, *, now: float) -> Delivery | None:
+        lease = lease_for(self.feed, now)
+        job = None
         async with self._transaction() as conn:
             found = await conn.fetchrow(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, lease_owner = NULL,"
@@ -770,9 +763,21 @@ class PostgresStore:
             )
             if found is None:
                 return None
+            if lease is not None:  # first in line: leased to the local dispatcher, which sends it now
+                leased = await conn.fetch(
+                    "UPDATE deliveries d SET lease_owner = $1, lease_until = $2 FROM events e"
+                    f" WHERE d.id = $3 AND e.id = d.event_id AND {_FIRST_IN_LINE} RETURNING d.*, e.body AS event_body",
+                    lease.owner,
+                    lease.until,
+                    delivery_id,
+                )
+                job = (await _delivery_jobs(conn, leased))[0] if leased else None
             notice = (DELIVERY, found["task_id"], delivery_id)
             await self._notify(conn, wake=[DELIVERIES], notices=[notice])
-        self.feed.wake(DELIVERIES)
+        if job is not None:
+            self.feed.resend(job)
+        else:
+            self.feed.wake(DELIVERIES)
         self.feed.notice(*notice)
         return await self.get_delivery(delivery_id)
 
@@ -1028,6 +1033,18 @@ async def _insert_event(
         offered = offer(rows, list(wanted), await _first_in_line(conn, event, rows), lease, body)
     await conn.executemany(_INSERT_DELIVERY, [_values(row, DELIVERY_COLUMNS) for row in rows])
     return len(rows), offered
+
+
+async def _delivery_jobs(conn: Any, rows: Sequence[Any]) -> list[DeliveryJob]:
+    """Delivery rows carrying their event's body (`event_body`) with their subscriptions, as a
+    dispatcher sends them."""
+    subs = {
+        row["id"]: subscription_from_row(row)
+        for row in await conn.fetch(
+            "SELECT * FROM subscriptions WHERE id = ANY($1::text[])", list({row["subscription_id"] for row in rows})
+        )
+    }
+    return [DeliveryJob(delivery_from_row(row), subs[row["subscription_id"]], bytes(row["event_body"])) for row in rows]
 
 
 async def _first_in_line(conn: Any, event: EventRow, rows: Sequence[dict[str, Any]]) -> list[bool]:

@@ -347,10 +347,15 @@ class SQLiteStore:
         return [delivery_from_row(row, tuple(attempts.get(row["id"], ()))) for row in rows]
 
     async def retry_delivery(self, delivery_id: str, *, now: float) -> Delivery | None:
-        found: bool = await self._write(partial(_retry_delivery, delivery_id=delivery_id, now=now))
+        found, job = await self._write(
+            partial(_retry_delivery, delivery_id=delivery_id, now=now, lease=lease_for(self.feed, now))
+        )
         if not found:
             return None
-        self.feed.wake("deliveries")
+        if job is not None:
+            self.feed.resend(job)
+        else:
+            self.feed.wake("deliveries")
         delivery = await self.get_delivery(delivery_id)
         if delivery is not None:
             self.feed.notice(DELIVERY, delivery.task_id, delivery_id)
@@ -757,6 +762,12 @@ def _claim_deliveries(
     conn.execute(
         f"UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})", (owner, lease_until, *ids)
     )
+    return _delivery_jobs(conn, ids)
+
+
+def _delivery_jobs(conn: sqlite3.Connection, ids: Sequence[str]) -> list[DeliveryJob]:
+    """The deliveries `ids` with their subscriptions and event bodies, as a dispatcher sends them."""
+    marks = ",".join("?" * len(ids))
     rows = conn.execute(
         f"SELECT d.*, e.body AS event_body FROM deliveries d JOIN events e ON e.id = d.event_id"
         f" WHERE d.id IN ({marks}) ORDER BY d.next_attempt_at, d.id",
@@ -829,8 +840,12 @@ def _release_deliveries(conn: sqlite3.Connection, *, delivery_ids: tuple[str, ..
     ).rowcount
 
 
-def _retry_delivery(conn: sqlite3.Connection, *, delivery_id: str, now: float) -> bool:
-    return (
+def _retry_delivery(
+    conn: sqlite3.Connection, *, delivery_id: str, now: float, lease: Lease | None = None
+) -> tuple[bool, DeliveryJob | None]:
+    """Make the delivery pending, due now; with a lease, lease it at once when it is first in line
+    (returned, for the local dispatcher to send now). Returns (found, the leased delivery)."""
+    found = (
         conn.execute(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_owner = NULL, lease_until = NULL,"
             " updated_at = ? WHERE id = ?",
@@ -838,6 +853,13 @@ def _retry_delivery(conn: sqlite3.Connection, *, delivery_id: str, now: float) -
         ).rowcount
         > 0
     )
+    if not found or lease is None:
+        return found, None
+    leased = conn.execute(
+        f"UPDATE deliveries AS d SET lease_owner = ?, lease_until = ? WHERE d.id = ? AND {_FIRST_IN_LINE}",
+        (lease.owner, lease.until, delivery_id),
+    ).rowcount
+    return True, _delivery_jobs(conn, [delivery_id])[0] if leased else None
 
 
 def _recover_deliveries(conn: sqlite3.Connection, *, subscription_id: str, since: float, now: float) -> int:

@@ -280,6 +280,39 @@ async def test_a_paused_endpoint_is_probed_then_resumes(tmp_path: Path) -> None:
         assert sum(d["attempt_count"] for d in logged) == len(hook.received)  # a pause spends no attempt
 
 
+@on_every_database
+async def test_a_retry_asked_for_goes_now_even_to_a_paused_endpoint(tmp_path: Path, database_url: str) -> None:
+    """`POST /v1/deliveries/{id}/retry` sends now: on a paused endpoint it is the probe (the pause
+    here would last an hour), and its success resumes the endpoint for what waited behind it."""
+    settings = {**FAST, "database_url": database_url, "retry_schedule": (0.0,),
+                "breaker_failures": 2, "breaker_cooldown": 3600.0}
+    async with sink(mode="fail") as (hook, url), start_receiver(tmp_path, **settings) as running:
+        sub = await subscribe(running, url)
+        first, _ = await new_task(running)
+        second, _ = await new_task(running)
+        await hook.wait_for(lambda got: len(got) == 2)
+        await eventually(lambda: _breaker_open(running, sub["id"]))
+        waiting, _ = await new_task(running)  # its delivery waits on the paused endpoint
+        await asyncio.sleep(0.2)
+        assert len(hook.received) == 2
+        [failed] = await eventually(lambda: _when_all(deliveries(running, task_id=first["id"]), status="failed",
+                                                      count=1))
+        hook.mode = "ok"
+        again = await running.api.post(f"/v1/deliveries/{failed['id']}/retry")
+        assert again.status_code == 202, again.text
+        await hook.wait_for(lambda _: len(hook.verified) >= 1, timeout=5)
+        assert hook.verified[0].webhook_id == failed["event_id"]
+        # The endpoint answered: it is resumed, and the delivery that waited goes too.
+        await hook.wait_for(lambda _: waiting["id"] in {r.task_id for r in hook.verified}, timeout=5)
+        assert running.app.state.dispatcher.breaker(sub["id"]) is None or not running.app.state.dispatcher.breaker(
+            sub["id"]).open_until
+        [done] = await eventually(lambda: _when_all(deliveries(running, task_id=first["id"]), status="succeeded",
+                                                    count=1))
+        assert [a["status_code"] for a in done["attempts"]][-1] == 200
+        [other] = await deliveries(running, task_id=second["id"])
+        assert other["status"] == "failed" and other["attempt_count"] == 1  # not asked for: not sent again
+
+
 async def test_410_gone_disables_the_subscription(tmp_path: Path) -> None:
     async with sink(mode="gone") as (hook, url), start_receiver(tmp_path, **FAST) as running:
         sub = await subscribe(running, url)
