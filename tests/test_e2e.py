@@ -366,9 +366,9 @@ async def test_callback_urls_for_tasks_submitted_elsewhere(running: Running) -> 
     detected = (await running.api.get(f"/v1/tasks/{auto['task']['id']}")).json()
     assert detected["provider"] == "xhuoapi" and detected["state"] == "succeeded"
 
-    bad = await running.api.post("/v1/callback-urls", json={"provider": "nobody", "expires_in": 5})
+    bad = await running.api.post("/v1/callback-urls", json={"provider": "nobody", "expires_in": 5, "extra": 1})
     assert {f["field"] for f in assert_error(bad, 400, "invalid_parameters")["error"]["details"]["fields"]} == {
-        "provider", "expires_in"}
+        "provider", "expires_in", "extra"}
 
 
 @on_every_database

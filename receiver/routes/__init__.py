@@ -59,6 +59,19 @@ async def read_json_object(request: Request, limit: int = 1 << 20) -> JSON:
     return value
 
 
+Problems = list[dict[str, str]]
+
+
+async def read_fields(request: Request, allowed: frozenset[str]) -> tuple[JSON, Problems]:
+    """The JSON body, and one problem for each field in it beyond `allowed` (more may be added)."""
+    body = await read_json_object(request)
+    expected = ", ".join(sorted(allowed))
+    problems = [
+        {"field": name, "message": f"is not a field; expected: {expected}"} for name in sorted(set(body) - allowed)
+    ]
+    return body, problems
+
+
 def query_int(request: Request, name: str, default: int, *, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":

@@ -19,9 +19,9 @@ from receiver.clock import isoformat, parse_iso
 from receiver.config import new_webhook_secret
 from receiver.errors import Conflict, InvalidParameters, NotFound, json_response
 from receiver.ids import new_id
-from receiver.routes import context, read_json_object
+from receiver.routes import Problems, context, read_fields
 from receiver.store.base import Subscription
-from receiver.types import JSON, EventType
+from receiver.types import EventType
 
 #: How long the previous secret keeps verifying after a rotation (seconds).
 ROTATION_OVERLAP = 86400.0
@@ -34,18 +34,6 @@ LATEST_SINCE = 253402300799.0
 
 _CREATE_FIELDS = frozenset({"url", "events", "description", "secret"})
 _PATCH_FIELDS = frozenset({"url", "events", "enabled", "description"})
-
-Problems = list[dict[str, str]]
-
-
-async def _read_fields(request: Request, allowed: frozenset[str]) -> tuple[JSON, Problems]:
-    """The JSON body, and one problem for each field in it beyond `allowed` (more may be added)."""
-    body = await read_json_object(request)
-    expected = ", ".join(sorted(allowed))
-    problems = [
-        {"field": name, "message": f"is not a field; expected: {expected}"} for name in sorted(set(body) - allowed)
-    ]
-    return body, problems
 
 
 def _url(value: Any, problems: Problems) -> str | None:
@@ -122,7 +110,7 @@ def enabled_or_409(subscription: Subscription) -> None:
 
 async def create_subscription(request: Request) -> Response:
     ctx = context(request)
-    body, problems = await _read_fields(request, _CREATE_FIELDS)
+    body, problems = await read_fields(request, _CREATE_FIELDS)
     url = _url(body.get("url"), problems)
     events = _events(body.get("events", ["*"]), problems)
     description = _description(body.get("description"), problems)
@@ -156,7 +144,7 @@ async def get_subscription(request: Request) -> Response:
 async def update_subscription(request: Request) -> Response:
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body, problems = await _read_fields(request, _PATCH_FIELDS)
+    body, problems = await read_fields(request, _PATCH_FIELDS)
     changes: dict[str, Any] = {}
     if "url" in body:
         changes["url"] = _url(body["url"], problems)
@@ -193,7 +181,7 @@ async def delete_subscription(request: Request) -> Response:
 async def rotate_secret(request: Request) -> Response:
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body, problems = await _read_fields(request, frozenset({"secret"}))
+    body, problems = await read_fields(request, frozenset({"secret"}))
     secret = _secret(body.get("secret"), problems)
     if problems:
         raise InvalidParameters(problems)
@@ -250,7 +238,7 @@ async def recover(request: Request) -> Response:
     """Send again every failed delivery of the subscription created since `since`."""
     ctx = context(request)
     subscription = await _subscription_or_404(request)
-    body, problems = await _read_fields(request, frozenset({"since"}))
+    body, problems = await read_fields(request, frozenset({"since"}))
     if problems:
         raise InvalidParameters(problems)
     since = _since(body.get("since"))

@@ -17,7 +17,7 @@ from receiver.ids import new_id
 from receiver.providers import CALLBACK_DIALECTS
 from receiver.providers.base import Upload
 from receiver.quotas import quotas
-from receiver.routes import context, cursors, draining, query_float, query_int, read_json_object
+from receiver.routes import context, cursors, draining, query_float, query_int, read_fields, read_json_object
 from receiver.routes.forms import is_multipart, read_submission_form
 from receiver.store.base import TaskQuery
 from receiver.submission import submit
@@ -137,11 +137,13 @@ async def cancel_task(request: Request) -> Response:
     return json_response(applied.task.to_api())
 
 
+_CALLBACK_URL_FIELDS = frozenset({"provider", "metadata", "expires_in"})
+
+
 async def create_callback_url(request: Request) -> Response:
     """A task (state `submitted`) and its signed callback URL, for a task another service submits."""
     ctx = context(request)
-    body = await read_json_object(request)
-    problems = []
+    body, problems = await read_fields(request, _CALLBACK_URL_FIELDS)
     provider = body.get("provider", "auto")
     if provider not in CALLBACK_DIALECTS:
         problems.append({"field": "provider", "message": f"must be one of: {', '.join(CALLBACK_DIALECTS)}"})
