@@ -31,7 +31,7 @@ from receiver.context import Context
 from receiver.delivery.dispatcher import Dispatcher
 from receiver.delivery.sender import AiohttpSender
 from receiver.delivery.urlguard import UrlGuard
-from receiver.errors import EXCEPTION_HANDLERS
+from receiver.errors import EXCEPTION_HANDLERS, StoreError
 from receiver.jobs import JobRunner
 from receiver.logs import configure_logging, get_logger, redact_path
 from receiver.metrics import Metrics
@@ -94,7 +94,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         the_store = store or create_store(settings.database_url, clock=clock)
-        await the_store.open()
+        try:
+            await the_store.open()
+        except StoreError as exc:  # one plain line before the server's own account of the failed start
+            log.error("receiver.database_unavailable", error=str(exc)[:300], advice="check RECEIVER_DATABASE_URL")
+            raise
         try:
             async with httpx.AsyncClient(
                 transport=transport,

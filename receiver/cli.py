@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import secrets
 import signal
@@ -18,6 +19,7 @@ from receiver import __version__
 from receiver.client import Client, ClientError, default_api_key, default_url, follow, settled
 from receiver.clock import parse_iso
 from receiver.config import ConfigError, Settings, ensure_secrets
+from receiver.errors import StoreError
 from receiver.logs import configure_logging, get_logger
 from receiver.providers import CALLBACK_DIALECTS
 from receiver.types import DeliveryStatus, TaskState
@@ -63,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"receiver: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"receiver: the database is unavailable: {exc} (RECEIVER_DATABASE_URL)", file=sys.stderr)
+        return 1
     except ClientError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
         error = exc.body.get("error") if isinstance(exc.body, dict) else None
@@ -71,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `receiver demo --json | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 141
     return code
 
 
@@ -97,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", run_serve, "Run the service (migrates the database on start).")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--workers", type=_at_least(1), default=1, help="uvicorn worker processes (default 1)")
     serve.add_argument(
         "--forwarded-allow-ips",
         default=None,
@@ -117,21 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", run_doctor, "Check the configuration, and that RECEIVER_PUBLIC_URL reaches this very receiver."
     )
     doctor.add_argument("--url", default=default_url(), help="the running receiver (RECEIVER_URL)")
-    doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
+    doctor.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for each answer (default 10)")
     doctor.add_argument("--offline", action="store_true", help="check the configuration only, not the receiver")
     json_option(doctor)
 
     fake = command("fake-provider", run_fake_provider, "Run a simulated provider (no credits spent).")
     fake.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    fake.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
-    fake.add_argument("--delay", type=float, default=2.0, help="seconds before the callback is posted (default 2)")
-    fake.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail (0..1, default 0)")
+    fake.add_argument("--port", type=_port, default=9000, help="port to listen on (default 9000)")
+    fake.add_argument("--delay", type=_seconds, default=2.0, help="seconds before the callback is posted (default 2)")
+    fake.add_argument("--fail-rate", type=_share, default=0.0, help="share of tasks that fail (0..1, default 0)")
     fake.add_argument(
-        "--duplicate-rate", type=float, default=0.0, help="share of callbacks posted twice (0..1, default 0)"
+        "--duplicate-rate", type=_share, default=0.0, help="share of callbacks posted twice (0..1, default 0)"
     )
     fake.add_argument(
         "--out-of-order-rate",
-        type=float,
+        type=_share,
         default=0.0,
         help="share of tasks that get a late progress callback after their result (kling, apimart; 0..1)",
     )
@@ -196,6 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
 # --- service commands -----------------------------------------------------------
 
 
+def _number(value: str, kind: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not ok(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {expected}")
+    return number
+
+
+def _port(value: str) -> int:
+    return int(_number(value, int, lambda n: 1 <= n <= 65535, "a TCP port (1 to 65535)"))
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    return lambda value: int(_number(value, int, lambda n: n >= low, f"a whole number of at least {low}"))
+
+
+def _seconds(value: str) -> float:
+    return float(_number(value, float, lambda n: math.isfinite(n) and n >= 0, "a number of seconds, 0 or more"))
+
+
+def _share(value: str) -> float:
+    return float(_number(value, float, lambda n: 0 <= n <= 1, "a share from 0 to 1"))  # NaN fails
+
+
 def _whsec_arg(value: str) -> str:
     from receiver.config import whsec
 
@@ -206,11 +241,6 @@ def _whsec_arg(value: str) -> str:
     return value
 
 
-def _settings(announce: bool = True) -> Settings:
-    settings = Settings.from_env(os.environ)
-    return ensure_secrets(settings, announce=None if announce else (lambda _: None))
-
-
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -219,10 +249,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from receiver.protocol import server_options
     from receiver.server import Server, uvicorn_config
 
-    settings = _settings()
+    settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level)  # first: generating secrets logs a warning
+    settings = ensure_secrets(settings)
     if args.forwarded_allow_ips is not None:
         settings = settings.replace(forwarded_allow_ips=args.forwarded_allow_ips)
-    configure_logging(settings.log_level)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; finishing that way is a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     common: dict[str, Any] = {

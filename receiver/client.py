@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -91,14 +92,14 @@ class Client:
 
     def task(self, task_id: str, *, wait: float = 0) -> Any:
         params = {"wait": wait} if wait else {}
-        return self.request("GET", f"/v1/tasks/{task_id}", params=params)
+        return self.request("GET", f"/v1/tasks/{_segment(task_id)}", params=params)
 
     def tasks(self, **filters: Any) -> Any:
         return self.request("GET", "/v1/tasks", params={k: v for k, v in filters.items() if v is not None})
 
     def callback_url(self, provider: str, *, expires_in: int | None = None) -> Any:
         body: dict[str, Any] = {"provider": provider}
-        if expires_in:
+        if expires_in is not None:  # the receiver says what it takes (60 s to a year)
             body["expires_in"] = expires_in
         return self.request("POST", "/v1/callback-urls", json=body)
 
@@ -106,7 +107,12 @@ class Client:
         return self.request("GET", "/v1/deliveries", params={k: v for k, v in filters.items() if v is not None})
 
     def redeliver(self, delivery_id: str) -> Any:
-        return self.request("POST", f"/v1/deliveries/{delivery_id}/retry")
+        return self.request("POST", f"/v1/deliveries/{_segment(delivery_id)}/retry")
+
+
+def _segment(value: str) -> str:
+    """An id as one path segment: whatever it holds ("/", "..") cannot name another route."""
+    return quote(value, safe="")
 
 
 def refused(status: int, body: Any) -> ClientError:
@@ -123,16 +129,22 @@ def settled(task: Mapping[str, Any]) -> bool:
     return task.get("state") in ("succeeded", "failed", "expired", "cancelled") and result.get("mirror") != "pending"
 
 
-async def follow(base_url: str, api_key: str | None, task_id: str) -> AsyncIterator[Any]:
+async def follow(
+    base_url: str, api_key: str | None, task_id: str, *, give_up_after: float = 30.0, retry_every: float = 1.0
+) -> AsyncIterator[Any]:
     """The task at each change, from its Server-Sent Events (`GET /v1/tasks/{id}/events`), until it
-    is settled; a dropped stream is opened again. ClientError if the receiver refuses."""
+    is settled; a dropped stream is opened again, every `retry_every` seconds. ClientError if the
+    receiver refuses, or cannot be reached again within `give_up_after` seconds."""
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    timeout = httpx.Timeout(30.0, read=None)  # a quiet stream sends a heartbeat every 15 s
+    # A quiet stream sends a heartbeat every 15 s: three missed ones mean the link is gone.
+    timeout = httpx.Timeout(30.0, read=45.0)
+    loop = asyncio.get_running_loop()
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout) as http:
         task: Any = None
+        lost_at: float | None = None
         while task is None or not settled(task):
             try:
-                async with http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+                async with http.stream("GET", f"/v1/tasks/{_segment(task_id)}/events") as response:
                     if response.status_code != 200:
                         await response.aread()
                         try:
@@ -140,9 +152,16 @@ async def follow(base_url: str, api_key: str | None, task_id: str) -> AsyncItera
                         except ValueError:
                             body = response.text
                         raise refused(response.status_code, body)
+                    lost_at = None
                     async for line in response.aiter_lines():
                         if line.startswith("data: "):
                             task = orjson.loads(line[6:])
                             yield task
-            except httpx.TransportError:
-                await asyncio.sleep(1.0)  # the connection dropped: open the stream again
+            except httpx.TransportError as exc:  # the connection dropped: open the stream again
+                lost_at = loop.time() if lost_at is None else lost_at
+                if loop.time() - lost_at >= give_up_after:
+                    raise ClientError(
+                        f"lost the receiver at {base_url} while following task {task_id} "
+                        f"(no answer for {give_up_after:g} s: {exc or type(exc).__name__})"
+                    ) from exc
+                await asyncio.sleep(retry_every)

@@ -100,7 +100,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Read every `RECEIVER_*` variable; raise ConfigError naming a bad one."""
         env = _Env(environ)
-        database_url = env("RECEIVER_DATABASE_URL", str, cls.database_url)
+        database_url = env("RECEIVER_DATABASE_URL", _database_url, cls.database_url)
         data_dir = Path(env("RECEIVER_DATA_DIR", str, str(_default_data_dir(database_url))))
         providers = {
             name: ProviderSettings(
@@ -109,7 +109,7 @@ class Settings:
             )
             for name, default in PROVIDER_DEFAULT_URLS.items()
         }
-        return cls(
+        settings = cls(
             database_url=database_url,
             public_url=env("RECEIVER_PUBLIC_URL", _url, cls.public_url).rstrip("/"),
             data_dir=data_dir,
@@ -151,6 +151,12 @@ class Settings:
             max_streams_per_key=env("RECEIVER_MAX_STREAMS_PER_KEY", _positive_int, cls.max_streams_per_key),
             max_callbacks_per_task=env("RECEIVER_MAX_CALLBACKS_PER_TASK", _positive_int, cls.max_callbacks_per_task),
         )
+        if settings.poll_interval > settings.poll_max_interval:
+            raise ConfigError(
+                f"RECEIVER_POLL_INTERVAL ({settings.poll_interval:g} s, the first delay between polls) is longer "
+                f"than RECEIVER_POLL_MAX_INTERVAL ({settings.poll_max_interval:g} s, the longest)"
+            )
+        return settings
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -185,6 +191,16 @@ def _default_data_dir(database_url: str) -> Path:
         if path is not None:
             return path.parent
     return Path("data")
+
+
+def _database_url(value: str) -> str:
+    if value.startswith("sqlite:///"):
+        if sqlite_path(value) is None:  # the writer and the readers are separate connections
+            raise ValueError("SQLite needs a file path (sqlite:///relative/path or sqlite:////absolute/path)")
+        return value
+    if value.startswith(("postgresql://", "postgres://")):
+        return value
+    raise ValueError("use sqlite:///relative/path, sqlite:////absolute/path or postgresql://…")
 
 
 def sqlite_path(database_url: str) -> Path | None:
@@ -319,23 +335,29 @@ def ensure_secrets(settings: Settings, *, announce: Callable[[str], None] | None
         except ValueError as exc:
             raise ConfigError(f"{path} is not valid JSON; fix or delete it") from exc
     generated = []
-    makers: tuple[tuple[str, Callable[[], str]], ...] = (
-        ("secret_key", lambda: secrets.token_urlsafe(32)),
-        ("api_key", lambda: "rk_" + secrets.token_urlsafe(24)),
-        ("notify_secret", new_webhook_secret),
+    makers: tuple[tuple[str, bool, Callable[[], str]], ...] = (
+        ("secret_key", not settings.secret_keys, lambda: secrets.token_urlsafe(32)),
+        ("api_key", not settings.api_keys, lambda: "rk_" + secrets.token_urlsafe(24)),
+        ("notify_secret", settings.notify_secret is None, new_webhook_secret),
     )
-    for name, make in makers:
-        if name not in stored:
+    for name, needed, make in makers:  # only what the operator did not set
+        if needed and name not in stored:
             stored[name] = make()
             generated.append(name)
     if generated:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(stored, handle, indent=2)
-        os.replace(tmp, path)
-        os.chmod(path, 0o600)
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(stored, handle, indent=2)
+            os.replace(tmp, path)
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot store the generated secrets in {path} ({exc.strerror}): set RECEIVER_DATA_DIR to a "
+                "writable folder, or set RECEIVER_SECRET_KEY, RECEIVER_API_KEYS and RECEIVER_NOTIFY_SECRET"
+            ) from exc
     if "secret_key" in generated:
         log.warning(
             "config.secret_generated",

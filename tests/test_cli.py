@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from receiver import cli
@@ -136,3 +137,68 @@ async def test_deliveries_lists_the_log_and_redeliver_sends_one_again(tmp_path: 
         await eventually(sent_again, what="the second attempt")
         assert await asyncio.to_thread(cli.main, ["redeliver", *client, "dlv_nope"]) == 1
         assert "delivery_not_found" in capsys.readouterr().err
+
+
+# --- arguments, configuration and the database, refused in plain words ----------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--port", "99999"], ["serve", "--port", "0"], ["serve", "--workers", "0"],
+    ["fake-provider", "--port", "70000"], ["fake-provider", "--fail-rate", "2"],
+    ["fake-provider", "--duplicate-rate", "nan"], ["fake-provider", "--delay", "-1"],
+    ["doctor", "--timeout", "inf"],
+])
+def test_out_of_range_arguments_are_refused(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[1]}: '{argv[2]}' is not" in capsys.readouterr().err
+
+
+def test_migrate_names_a_database_it_cannot_open(tmp_path: Path, monkeypatch, capsys) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("RECEIVER_DATABASE_URL", f"sqlite:///{blocked}/receiver.db")
+    assert cli.main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("receiver: the database is unavailable: cannot create the database's folder")
+    assert "Traceback" not in err
+    monkeypatch.setenv("RECEIVER_DATABASE_URL", "mysql://db/receiver")
+    assert cli.main(["migrate"]) == 2
+    assert "configuration error: RECEIVER_DATABASE_URL" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_callback_url_passes_every_lifetime_it_is_given(tmp_path: Path, capsys) -> None:
+    async with start_receiver(tmp_path) as running:
+        client = ["--url", running.url, "--api-key", API_KEY]
+        # 0 is not "the default": the receiver refuses it, as it does any lifetime under a minute.
+        assert await asyncio.to_thread(cli.main, ["callback-url", *client, "--expires-in", "0"]) == 1
+        assert "expires_in" in capsys.readouterr().err
+
+
+def test_ids_cannot_reach_another_route() -> None:
+    from receiver.client import Client
+
+    seen: list[str] = []
+
+    def record(request):
+        seen.append(request.url.raw_path.decode())
+        return httpx.Response(404, json={"error": {"code": "delivery_not_found", "message": "no"}})
+
+    with Client("http://receiver.test", "k") as api:
+        api._http = httpx.Client(base_url="http://receiver.test", transport=httpx.MockTransport(record))
+        with pytest.raises(ClientError):
+            api.redeliver("a/../x")
+        with pytest.raises(ClientError):
+            api.task("../deliveries")
+    assert seen == ["/v1/deliveries/a%2F..%2Fx/retry", "/v1/tasks/..%2Fdeliveries"]
+
+
+@pytest.mark.anyio
+async def test_following_a_task_gives_up_on_a_receiver_that_is_gone() -> None:
+    from receiver.client import follow
+
+    with pytest.raises(ClientError, match="lost the receiver"):
+        async for _ in follow("http://127.0.0.1:9", "k", "tsk_1", give_up_after=0.3, retry_every=0.05):
+            pass

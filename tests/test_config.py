@@ -91,6 +91,11 @@ def test_secrets_are_hidden_in_reprs() -> None:
         ("RECEIVER_POLL_INTERVAL", "nan"),
         ("RECEIVER_ALLOW_PRIVATE_URLS", "maybe"),
         ("RECEIVER_TASK_TIMEOUT", "soon"),
+        ("RECEIVER_DATABASE_URL", "mysql://x/y"),
+        ("RECEIVER_DATABASE_URL", "sqlite://relative.db"),
+        ("RECEIVER_DATABASE_URL", "sqlite:///:memory:"),
+        ("RECEIVER_DATABASE_URL", "garbage"),
+        ("RECEIVER_POLL_INTERVAL", "60"),  # longer than the largest delay (30 by default)
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -118,6 +123,22 @@ def test_missing_secrets_are_generated_once(tmp_path: Path) -> None:
     second = ensure_secrets(settings, announce=announced.append)
     assert [str(k) for k in second.secret_keys] == [str(k) for k in first.secret_keys]
     assert len(announced) == 1  # the key is shown only the first time
+
+
+def test_only_the_secrets_not_set_are_generated(tmp_path: Path, logs) -> None:
+    settings = Settings.from_env({"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_SECRET_KEY": "s"})
+    ready = ensure_secrets(settings, announce=lambda _: None)
+    assert sorted(json.loads((tmp_path / "secrets.json").read_text())) == ["api_key", "notify_secret"]
+    assert [str(k) for k in ready.secret_keys] == ["s"]
+    assert not logs.events("config.secret_generated")  # the operator's key signs: nothing to warn of
+
+
+def test_secrets_that_cannot_be_stored_are_a_configuration_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    settings = Settings.from_env({"RECEIVER_DATA_DIR": str(blocked / "data")})
+    with pytest.raises(ConfigError, match="cannot store the generated secrets"):
+        ensure_secrets(settings, announce=lambda _: None)
 
 
 def test_operator_secrets_win(tmp_path: Path) -> None:

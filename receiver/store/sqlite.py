@@ -120,7 +120,11 @@ class SQLiteStore:
     # Lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(self.path).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the database's folder {folder}: {exc.strerror}") from exc
         await self._writer.start()
         await self.migrate()
         self._reader = await aiosqlite.connect(self.path)
