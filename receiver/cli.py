@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = exc.body.get("error") if isinstance(exc.body, dict) else None
         for field in ((error or {}).get("details") or {}).get("fields") or []:
             print(f"  {field.get('field')}: {field.get('message')}", file=sys.stderr)
+        task = exc.body.get("task") if isinstance(exc.body, dict) else None
+        if isinstance(task, dict) and task.get("id"):  # a provider's refusal: the task is kept, failed
+            print(f"  task {task['id']} is stored as {task.get('state')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -29,6 +29,19 @@ def test_refused_parameters_are_listed_field_by_field(monkeypatch: pytest.Monkey
                                                         "  n: must be one of: 1"]
 
 
+def test_a_provider_refusal_names_the_failed_task_it_stored(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    body = {"error": {"code": "upstream_billing", "message": "The provider refused: billing."},
+            "task": {"id": "tsk_0193", "state": "failed"}}
+
+    def refused(args) -> int:
+        raise ClientError("upstream_billing: The provider refused: billing.", status=502, body=body)
+
+    monkeypatch.setattr(cli, "run_submit", refused)
+    assert cli.main(["submit", "--provider", "xhuoapi", "--model", "gpt-image-2", "--prompt", "p"]) == 1
+    assert capsys.readouterr().err.splitlines() == ["receiver: upstream_billing: The provider refused: billing.",
+                                                    "  task tsk_0193 is stored as failed"]
+
+
 # --- every command: --help with an example, --json ----------------------------------------------
 
 
