@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Mount
@@ -48,14 +49,22 @@ log = get_logger("receiver.access")
 
 
 class AccessLog:
-    """One redacted log line per request (uvicorn's own would print callback tokens)."""
+    """One redacted log line per request (uvicorn's own would print callback tokens), and the
+    answer to a request the server's graceful shutdown cut off (`_cut_off`)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not log.enabled():
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if not log.enabled():
+            try:
+                await self.app(scope, receive, send)
+            except asyncio.CancelledError:
+                if not await _cut_off(scope, send):
+                    raise
             return
         started = time.perf_counter()
         status = 500
@@ -68,6 +77,9 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            if not await _cut_off(scope, send_wrapper):
+                raise
         finally:
             log.info(
                 "http.request",
@@ -76,6 +88,41 @@ class AccessLog:
                 status=status,
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
+
+
+_CUT_OFF = orjson.dumps(
+    {
+        "error": {
+            "code": "shutting_down",
+            "message": "The receiver stopped before it finished this request; send it again.",
+        }
+    }
+)
+
+
+async def _cut_off(scope: Scope, send: Send) -> bool:
+    """A request still unanswered when the graceful shutdown ran out (a callback whose body was
+    still arriving, say), which uvicorn then cancels, is answered `503 shutting_down` in the
+    contract's error shape rather than with uvicorn's plain-text 500 and a traceback. Whatever it
+    did is safe to send again (a callback is recognised as a duplicate). False: not the server
+    stopping, or the answer had already begun."""
+    state = getattr(scope.get("app"), "state", None)
+    draining = getattr(state, "draining", None)
+    if not (isinstance(draining, asyncio.Event) and draining.is_set()):
+        return False
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_CUT_OFF)).encode()),
+        (b"retry-after", b"5"),
+        (b"connection", b"close"),
+    ]
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": _CUT_OFF})
+    except Exception:  # the answer had begun (or the connection is gone): nothing more to say
+        return False
+    log.warning("http.cut_off_by_shutdown", method=scope["method"], path=redact_path(scope["path"]))
+    return True
 
 
 def create_app(

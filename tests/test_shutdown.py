@@ -28,7 +28,7 @@ from starlette.routing import Route
 from receiver.fakes.provider import FakeProvider
 from receiver.server import free_port, serve_in_background
 from tests.processes import Process, receiver_env
-from tests.test_limits import Raw, head
+from tests.test_limits import Raw, error_code, head
 
 pytestmark = pytest.mark.anyio
 
@@ -122,7 +122,10 @@ async def test_sigterm_finishes_what_is_in_flight_and_hands_back_the_rest(tmp_pa
             await slow_callback.send(body[10:])
             status, _, answer = await slow_callback.answer()
             assert status == 200, answer
-            # The process waits for the unfinished one until the deadline, then exits cleanly.
+            # The process waits for the unfinished one until the deadline, answers it in the
+            # contract's error shape (it may be sent again), then exits cleanly.
+            status, headers, answer = await never_finished.answer(timeout=GRACE + 3)
+            assert (status, error_code(answer), headers["connection"]) == (503, "shutting_down", "close"), answer
             code = await asyncio.to_thread(server.popen.wait, GRACE + 5)
             took = time.monotonic() - signalled
         assert code == 0, (tmp_path / "receiver.log").read_text()[-3000:]
