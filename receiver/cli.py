@@ -249,6 +249,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from receiver.app import create_app
     from receiver.context import INSTANCE_VARIABLE
+    from receiver.metrics import shared_folder as metrics_shared_folder
     from receiver.protocol import server_options
     from receiver.server import Server, uvicorn_config
 
@@ -277,16 +278,17 @@ def run_serve(args: argparse.Namespace) -> int:
         # Secrets exist on disk by now, so every worker process reads the same ones; the instance id
         # too, so that the workers answer `receiver doctor`'s self-tests as one receiver.
         os.environ.setdefault(INSTANCE_VARIABLE, secrets.token_hex(8))
-        uvicorn.run(
-            "receiver.app:app_from_env",
-            factory=True,
-            workers=args.workers,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            **server_options(settings),  # the same limits and shutdown deadline in every worker
-            **common,
-        )
+        with metrics_shared_folder():  # /metrics adds up every worker's counts (receiver.metrics)
+            uvicorn.run(
+                "receiver.app:app_from_env",
+                factory=True,
+                workers=args.workers,
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                **server_options(settings),  # the same limits and shutdown deadline in every worker
+                **common,
+            )
         return 0
     # uvicorn_config takes the limits and shutdown deadline from the app's settings (receiver.protocol).
     app = create_app(settings)

@@ -1,10 +1,44 @@
-"""Prometheus metrics, one registry per app (so tests can build many apps)."""
+"""Prometheus metrics, one registry per app (so tests can build many apps).
+
+With `receiver serve --workers N` each worker process counts on its own; `receiver serve` then
+points PROMETHEUS_MULTIPROC_DIR at a fresh folder (`shared_folder`), prometheus_client keeps
+every worker's values there, and `/metrics`, whichever worker answers it, adds them up: counters
+and histograms are the sums over the workers (those of a worker that was replaced included, so
+they never go down), gauges (read from the database, the same in every worker) the latest value.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from receiver.types import TaskState
+
+#: prometheus_client's own switch: set, every metric keeps its value in a file in that folder.
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def shared_folder() -> Iterator[str]:
+    """A fresh folder for the values of the worker processes started inside (set in the
+    environment they inherit), removed afterwards."""
+    folder = tempfile.mkdtemp(prefix="receiver-metrics-")
+    previous = os.environ.get(MULTIPROCESS_VARIABLE)
+    os.environ[MULTIPROCESS_VARIABLE] = folder
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROCESS_VARIABLE, None)
+        else:
+            os.environ[MULTIPROCESS_VARIABLE] = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Metrics:
@@ -34,11 +68,24 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self.tasks = Gauge("receiver_tasks", "Tasks by state.", ["state"], registry=self.registry)
-        self.outbox_depth = Gauge("receiver_outbox_depth", "Deliveries waiting to be sent.", registry=self.registry)
-        self.poll_backlog = Gauge(
-            "receiver_poll_backlog", "Background jobs waiting, by kind.", ["kind"], registry=self.registry
+        # Read from the database at each scrape: across worker processes, the latest value counts.
+        self.tasks = Gauge(
+            "receiver_tasks", "Tasks by state.", ["state"], registry=self.registry, multiprocess_mode="mostrecent"
         )
+        self.outbox_depth = Gauge(
+            "receiver_outbox_depth",
+            "Deliveries waiting to be sent.",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.poll_backlog = Gauge(
+            "receiver_poll_backlog",
+            "Background jobs waiting, by kind.",
+            ["kind"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self._job_kinds: set[str] = set()
 
     def render(self, counts: dict[str, object]) -> bytes:
         """The exposition text, with the gauges refreshed from `counts` (Store.counts())."""
@@ -51,6 +98,12 @@ class Metrics:
         self.outbox_depth.set(pending)
         jobs = counts.get("jobs", {})
         assert isinstance(jobs, dict)
-        for kind, n in jobs.items():
-            self.poll_backlog.labels(kind).set(n)
+        self._job_kinds |= set(jobs)
+        for kind in self._job_kinds:  # a kind with nothing left waiting is 0, not its last count
+            self.poll_backlog.labels(kind).set(jobs.get(kind, 0))
+        folder = os.environ.get(MULTIPROCESS_VARIABLE)
+        if folder:
+            every_worker = CollectorRegistry()
+            MultiProcessCollector(every_worker, path=folder)  # type: ignore[no-untyped-call]
+            return generate_latest(every_worker)
         return generate_latest(self.registry)

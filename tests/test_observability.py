@@ -130,6 +130,14 @@ async def test_poll_backlog_counts_waiting_polls(tmp_path: Path, fake_provider: 
         assert value(after, "receiver_tasks", state="submitted") == 1
 
 
+def test_a_job_kind_with_nothing_waiting_shows_zero_not_its_last_count() -> None:
+    from receiver.metrics import Metrics
+
+    metrics = Metrics()
+    assert b'receiver_poll_backlog{kind="poll"} 3.0' in metrics.render({"jobs": {"poll": 3}})
+    assert b'receiver_poll_backlog{kind="poll"} 0.0' in metrics.render({"jobs": {}})
+
+
 async def ready(running: Running) -> int:
     async with httpx.AsyncClient(base_url=running.url, timeout=15) as anonymous:
         answer = await anonymous.get("/readyz")

@@ -158,6 +158,12 @@ async def test_several_workers_on_postgres(tmp_path: Path) -> None:
                 for task in tasks:
                     shown = (await api.get(f"/v1/tasks/{task['id']}", params={"wait": 10})).json()
                     assert shown["state"] == "succeeded", shown
+                # /metrics adds up the workers, whichever of them answers the scrape.
+                for _ in range(8):
+                    scraped = _samples((await api.get("/metrics", headers={"connection": "close"})).text)
+                    assert scraped[("receiver_callbacks_total", (("outcome", "accepted"),))] == 6, scraped
+                    assert scraped[("receiver_submissions_total", (("outcome", "accepted"), ("provider", "xhuoapi")))] == 6
+                    assert scraped[("receiver_tasks", (("state", "succeeded"),))] == 6
         finally:
             assert await server.stop() == 0
         assert "config.secrets_not_shared" not in (tmp_path / "receiver.log").read_text()
@@ -200,3 +206,10 @@ async def test_serve_trusts_proxy_headers_from_the_allowed_addresses_and_doctor_
             assert await server.stop() == 0
     started = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"listening"')]
     assert started[0]["dashboard"] == f"http://127.0.0.1:{port}/ui" and started[1]["forwarded_allow_ips"] == "10.9.9.9"
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
