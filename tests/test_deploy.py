@@ -18,7 +18,7 @@ def test_fly_toml_serves_the_container_port_and_keeps_machines_running() -> None
     assert service["auto_stop_machines"] in ("off", False)
     assert service["min_machines_running"] >= 1
     assert service["force_https"] is True
-    assert any(check["path"] == "/healthz" for check in service["checks"])
+    assert any(check["path"] == "/readyz" for check in service["checks"])
     [mount] = fly["mounts"]
     assert (mount["source"], mount["destination"]) == ("receiver_data", "/data")
     assert mount.get("initial_size"), "fly deploy creates the volume on the first deploy"
