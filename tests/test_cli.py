@@ -169,6 +169,7 @@ def test_out_of_range_arguments_are_refused(argv: list[str], capsys) -> None:
 
 
 def test_migrate_names_a_database_it_cannot_open(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)  # leave this process's logging be
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     monkeypatch.setenv("RECEIVER_DATABASE_URL", f"sqlite:///{blocked}/receiver.db")
