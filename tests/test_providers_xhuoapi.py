@@ -48,12 +48,24 @@ def test_success_without_images_is_a_failure() -> None:
     assert report.error["code"] == "empty_result"
 
 
+def test_a_callback_in_the_synchronous_answers_flat_shape_is_read_too() -> None:
+    # Seed 004's gpt-image-2 answer: `data` is the list of images itself, not `{created, data}`.
+    flat = {"success": True, "task_id": "ab58", "created": 1777048800,
+            "data": [{"revised_prompt": "a portrait", "url": "https://platform.cdn.xhuoapi.ai/gpt-image/ab58_0.png"}]}
+    report = XhuoapiDialect().parse(flat)
+    assert report.state is TaskState.SUCCEEDED and report.upstream_task_id == "ab58"
+    assert report.images == ({"url": "https://platform.cdn.xhuoapi.ai/gpt-image/ab58_0.png",
+                              "revised_prompt": "a portrait"},)
+    assert XhuoapiDialect().parse({**flat, "data": []}).error["code"] == "empty_result"
+
+
 @pytest.mark.parametrize(
     "payload",
     [
         pytest.param({"success": "yes"}, id="success-not-bool"),
         pytest.param({"success": True}, id="no-data"),
-        pytest.param({"success": True, "data": []}, id="data-not-object"),
+        pytest.param({"success": True, "data": "images"}, id="data-neither-object-nor-list"),
+        pytest.param({"success": True, "data": [{"nope": 1}]}, id="flat-image-without-url"),
         pytest.param({"success": True, "data": {"data": [1]}}, id="image-not-object"),
         pytest.param({"success": True, "data": {"data": [{"nope": 1}]}}, id="image-without-url"),
         pytest.param({"success": True, "task_id": ["x"], "data": {"data": [{"url": "u"}]}}, id="task-id-list"),

@@ -188,6 +188,23 @@ async def test_reading_answers() -> None:
             router.read(bad)
 
 
+async def test_references_are_sent_as_the_routers_image_url_objects() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(orjson.loads(request.content))
+        return httpx.Response(200, json={"created": 1, "data": [{"url": "https://a/1.png"}]})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        router = RouterProvider(ProviderSettings(url="https://router.test"), client)
+        urls = ["https://cdn.example/ref.png", "data:image/png;base64,AAAA"]
+        task = Task(id="tsk_1", provider="router", model="m", state=TaskState.SUBMITTED,
+                    request={"prompt": "p", "input_references": urls}, created_at=0, updated_at=0, expires_at=1)
+        await router.generate(task, timeout=5)
+    assert seen[0]["input_references"] == [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    assert task.request["input_references"] == urls  # the task keeps what the client sent
+
+
 async def test_provider_options_are_sent_as_provider() -> None:
     seen: list[dict[str, Any]] = []
 

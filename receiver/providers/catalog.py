@@ -282,7 +282,8 @@ def _check_dimensions(value: str, spec: Mapping[str, Any]) -> str | None:
         return None
     match = _DIMENSIONS.fullmatch(value)
     if match is None:
-        return f"must be {' or '.join([*allowed, 'WIDTHxHEIGHT'])}, e.g. 1024x1536"
+        shown = [name or '""' for name in allowed]  # an empty size may be allowed too
+        return f"must be {' or '.join([*shown, 'WIDTHxHEIGHT'])}, e.g. 1024x1536"
     width, height = int(match.group(1)), int(match.group(2))
     step = spec.get("multiple_of")
     if width <= 0 or height <= 0:

@@ -2,7 +2,9 @@
 
 Call: `POST {base}/v1/images/generations` `{model, prompt, aspect_ratio?, resolution?, size?, n?,
 seed?, quality?, output_format?, background?, output_compression?, input_references?, provider?}`
-(the client names `provider` `provider_options`: `provider` says which provider the receiver uses)
+(the client names `provider` `provider_options`: `provider` says which provider the receiver uses;
+the client gives `input_references` as URLs, the router takes `{"type": "image_url", "image_url":
+{"url"}}` objects)
 -> `200 {"created", "data": [{"url"} or {"b64_json"}], "usage"}`.
 
 The receiver never makes this call while a client waits: a background job of kind "router" does
@@ -42,6 +44,10 @@ class RouterProvider:
         body = {"model": task.model, **task.request}
         if "provider_options" in body:  # the router's `provider` object; that name is ours (which provider)
             body["provider"] = body.pop("provider_options")
+        if isinstance(body.get("input_references"), list):  # URLs here; the router takes image_url objects
+            body["input_references"] = [
+                {"type": "image_url", "image_url": {"url": url}} for url in body["input_references"]
+            ]
         response = await call(
             self.client,
             "POST",

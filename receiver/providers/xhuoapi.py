@@ -45,9 +45,14 @@ class XhuoapiDialect:
                 dialect=self.name,
             )
         data = payload.get("data")
-        if not isinstance(data, dict):
-            raise InvalidPayload("A successful xhuoapi callback carries a 'data' object.")
-        images = image_list(data.get("data", []))
+        # A callback nests the answer (`data: {created, data: [...]}`); a synchronous answer, whose
+        # shape a callback may also take, lists the images at the top (`data: [...]`).
+        if isinstance(data, list):
+            images = image_list(data)
+        elif isinstance(data, dict):
+            images = image_list(data.get("data", []))
+        else:
+            raise InvalidPayload("A successful xhuoapi callback carries 'data': an object, or the list of images.")
         if not images:
             error = {"code": "empty_result", "message": "The provider reported success without any image."}
             return Report(TaskState.FAILED, upstream, error=error, dialect=self.name)
