@@ -21,15 +21,18 @@ import orjson
 _SECRET_FIELD = re.compile(r"(secret|token|key|password|authorization|signature)", re.IGNORECASE)
 # The token is the credential: its first character whatever it is, then everything up to the next
 # `/`, `?`, quote, space or line end (a path like `/callbacks/\r<rest>` must not keep its rest).
-_SIGNED_PATH = re.compile(r"/(callbacks|assets)/[^/?][^/?\"' \n]*")
+# However the path around it is spelt: `/Callbacks/…`, `/callbacks//…`, `/x/callbacks;/…` (a
+# proxy or provider that mangles the URL gets a 404 whose log line must not hold the token).
+_SIGNED_PATH = re.compile(r"(callbacks|assets)[/;]+[^/?][^/?\"' \n]*", re.IGNORECASE)
 _SIGNED_QUERY = re.compile(r"([?&](?:sig|signature|token|fal_webhook)=)[^&\s\"']+", re.IGNORECASE)
 
 
 def redact_path(text: str) -> str:
     """Strip callback and asset tokens and signatures from a path or URL."""
-    if "/callbacks/" not in text and "/assets/" not in text and "=" not in text:
+    folded = text.lower()
+    if "callbacks" not in folded and "assets" not in folded and "=" not in text:
         return text
-    text = _SIGNED_PATH.sub(r"/\1/[redacted]", text)
+    text = _SIGNED_PATH.sub(r"\1/[redacted]", text)
     return _SIGNED_QUERY.sub(r"\1[redacted]", text)
 
 

@@ -113,8 +113,9 @@ class TokenSigner:
 
 
 def _b64(text: str) -> bytes:
-    """itsdangerous's URL-safe, unpadded base64, decoded as leniently as its own decoder."""
-    return binascii.a2b_base64(text.encode().translate(_URLSAFE) + b"=" * (-len(text) % 4))
+    """itsdangerous's URL-safe, unpadded base64. Strictly: a character outside the alphabet is an
+    error, not skipped, so one token has one spelling (what a blocklist or log search relies on)."""
+    return binascii.a2b_base64(text.encode().translate(_URLSAFE) + b"=" * (-len(text) % 4), strict_mode=True)
 
 
 class CallbackSigner(TokenSigner):

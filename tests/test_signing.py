@@ -23,6 +23,9 @@ def test_round_trip_names_the_task() -> None:
         pytest.param(lambda t: t.split(".")[0], id="signature-removed"),
         pytest.param(lambda t: "", id="empty"),
         pytest.param(lambda t: "not-a-token", id="garbage"),
+        # Characters outside the alphabet were skipped, so one token had many spellings.
+        pytest.param(lambda t: t[:-10] + "!!" + t[-10:], id="signature-with-foreign-characters"),
+        pytest.param(lambda t: t[:-10] + "==" + t[-10:], id="signature-with-padding-inside"),
     ],
 )
 def test_tampered_tokens_are_refused(tamper) -> None:

@@ -787,6 +787,20 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
         await reopened.close()
 
 
+async def test_a_new_sqlite_database_is_readable_by_its_owner_alone(tmp_path: Path) -> None:
+    """It holds the subscriptions' signing secrets; the -wal and -shm files take its mode."""
+    import stat
+
+    store = SQLiteStore(tmp_path / "private.db")
+    await store.open()
+    try:
+        await store.create_subscription(subscription())
+        files = [tmp_path / name for name in ("private.db", "private.db-wal", "private.db-shm")]
+        assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        await store.close()
+
+
 # --- PostgreSQL: several instances on one database ----------------------------------
 
 

@@ -14,6 +14,7 @@ separate aiosqlite connection in this process; WAL lets them run beside writes.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -123,8 +124,11 @@ class SQLiteStore:
             folder = Path(self.path).parent
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                # A new database is its owner's alone: it holds subscriptions' signing secrets (SQLite
+                # gives the -wal and -shm files the database file's permissions).
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             except OSError as exc:
-                raise StoreError(f"cannot create the database's folder {folder}: {exc.strerror}") from exc
+                raise StoreError(f"cannot create the database in {folder}: {exc.strerror}") from exc
         await self._writer.start()
         await self.migrate()
         self._reader = await aiosqlite.connect(self.path)
