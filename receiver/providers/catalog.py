@@ -27,6 +27,8 @@ Rules are data, checked before any upstream call. The file's shape:
                   "unsupported": "message"}
     rule         {"forbid": {"<param>": [values] | "*", …}, "field": "<param>", "message": "…"}:
                   refused when every named parameter is given with one of its values ("*": any value)
+                 {"size_agrees": true, "field": "size"}: `size` must not contradict `resolution` or
+                  `aspect_ratio` (`_size_disagrees`)
 """
 
 from __future__ import annotations
@@ -191,8 +193,12 @@ def validate(
                 accepted[name] = value
         merged = {**entry, **(rules or {})}
         for rule in [*entry.get("rules", []), *(rules or {}).get("rules", [])]:
-            if rule["field"] not in bad and _forbidden(rule["forbid"], accepted):
+            if rule["field"] in bad:
+                continue
+            if "forbid" in rule and _forbidden(rule["forbid"], accepted):
                 bad.add(rule["field"], rule["message"])
+            elif rule.get("size_agrees") and (problem := _size_disagrees(accepted)) is not None:
+                bad.add(rule["field"], problem)
         checked_uploads = _check_uploads(uploads, entry, provider, bad)
         _check_references(accepted, checked_uploads, entry, merged.get("max_references"), bad)
         only = (rules or {}).get("only")
@@ -294,6 +300,27 @@ def _check_dimensions(value: str, spec: Mapping[str, Any]) -> str | None:
         return f"the longer side must be at most {spec['max_side']}"
     if "max_pixels" in spec and width * height > spec["max_pixels"]:
         return f"at most {spec['max_pixels']:,} pixels (width * height), got {width * height:,}"
+    return None
+
+
+def _size_disagrees(params: Mapping[str, Any]) -> str | None:
+    """What a router refuses as a conflicting `size`: a tier ("2K") beside another `resolution`, or
+    pixels ("2048x1152") beside another `aspect_ratio` (5 % leeway, for presets such as 1792x1024
+    as 16:9). Agreeing combinations pass; pixels beside a tier are left to the router to judge."""
+    size, resolution, ratio = params.get("size"), params.get("resolution"), params.get("aspect_ratio")
+    if not isinstance(size, str) or size == "auto":
+        return None
+    if size.endswith("K"):
+        if isinstance(resolution, str) and resolution != size:
+            return f"size {size} and resolution {resolution} disagree: give one of them, or the same tier"
+        return None
+    match = _DIMENSIONS.fullmatch(size)
+    if match is None or not isinstance(ratio, str) or ratio == "auto":
+        return None
+    width, height = int(match.group(1)), int(match.group(2))
+    across, down = (int(part) for part in ratio.split(":"))
+    if width and height and across and down and abs((width / height) / (across / down) - 1) > 0.05:
+        return f"size {size} is not {ratio}: give pixels of that aspect ratio, or only one of them"
     return None
 
 
