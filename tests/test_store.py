@@ -525,6 +525,26 @@ async def test_a_retried_delivery_first_in_line_is_leased_and_handed_over_to_go_
         store.feed.stop_taking_offers()
 
 
+async def test_a_delivery_whose_subscription_was_deleted_is_not_retried(store: Store) -> None:
+    """The retry route checks the subscription first; one deleted between that read and the retry
+    must neither make the delivery pending (it could never go) nor hand it to a dispatcher."""
+    sub = await store.create_subscription(subscription())
+    await submitted(store)
+    [job] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)
+    failed = AttemptOutcome(Attempt(time.time(), 500, 1.0, error="HTTP 500"), DeliveryStatus.FAILED)
+    await store.finish_attempt(job.delivery.id, "w", failed)
+    await store.delete_subscription(sub.id)
+    resent: list = []
+    store.feed.take_offers("me", 30.0, resent.extend, resent.append)
+    try:
+        assert await store.retry_delivery(job.delivery.id, now=time.time()) is None
+    finally:
+        store.feed.stop_taking_offers()
+    assert resent == []
+    kept = await store.get_delivery(job.delivery.id)
+    assert kept is not None and kept.status is DeliveryStatus.FAILED
+
+
 async def test_an_events_deliveries_are_offered_by_their_own_subscriptions_line(store: Store) -> None:
     await store.create_subscription(subscription())  # "early": subscribed before the task
     offered: list = []

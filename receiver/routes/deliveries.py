@@ -57,16 +57,22 @@ async def retry_delivery(request: Request) -> Response:
         )
     subscription = await ctx.store.get_subscription(delivery.subscription_id)
     if subscription is None:
-        raise Conflict(
-            f"The subscription of delivery {delivery.id} was deleted.",
-            code="subscription_not_found",
-            details={"delivery_id": delivery.id, "subscription_id": delivery.subscription_id},
-        )
+        raise _subscription_gone(delivery)
     enabled_or_409(subscription)
     retried = await ctx.store.retry_delivery(delivery.id, now=ctx.clock())
+    if retried is None and await ctx.store.get_subscription(delivery.subscription_id) is None:
+        raise _subscription_gone(delivery)  # deleted since it was read above
     if retried is None:
         raise NotFound(f"No delivery {delivery.id}.", code="delivery_not_found", details={"delivery_id": delivery.id})
     return json_response(retried.to_api(), 202)
+
+
+def _subscription_gone(delivery: Delivery) -> Conflict:
+    return Conflict(
+        f"The subscription of delivery {delivery.id} was deleted.",
+        code="subscription_not_found",
+        details={"delivery_id": delivery.id, "subscription_id": delivery.subscription_id},
+    )
 
 
 routes = [

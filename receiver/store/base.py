@@ -452,7 +452,8 @@ class Store(Protocol):
     async def list_deliveries(self, query: DeliveryQuery) -> list[Delivery]: ...
 
     async def retry_delivery(self, delivery_id: str, *, now: float) -> Delivery | None:
-        """Make a delivery pending again, due now. While a local dispatcher takes offers and the
+        """Make a delivery pending again, due now (None: no such delivery, or its subscription was
+        deleted: it could never go out). While a local dispatcher takes offers and the
         delivery is first in line, it is leased to it at once and handed over to be sent now
         (`ChangeFeed.resend`), even to a paused endpoint."""
 

@@ -757,7 +757,8 @@ class PostgresStore:
         async with self._transaction() as conn:
             found = await conn.fetchrow(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, lease_owner = NULL,"
-                " lease_until = NULL, updated_at = $1 WHERE id = $2 RETURNING task_id",
+                " lease_until = NULL, updated_at = $1 WHERE id = $2"
+                " AND subscription_id IN (SELECT id FROM subscriptions) RETURNING task_id",
                 now,
                 delivery_id,
             )

@@ -852,11 +852,12 @@ def _retry_delivery(
     conn: sqlite3.Connection, *, delivery_id: str, now: float, lease: Lease | None = None
 ) -> tuple[bool, DeliveryJob | None]:
     """Make the delivery pending, due now; with a lease, lease it at once when it is first in line
-    (returned, for the local dispatcher to send now). Returns (found, the leased delivery)."""
+    (returned, for the local dispatcher to send now). Returns (found, the leased delivery); not
+    found also when its subscription was deleted meanwhile (it could never go out)."""
     found = (
         conn.execute(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_owner = NULL, lease_until = NULL,"
-            " updated_at = ? WHERE id = ?",
+            " updated_at = ? WHERE id = ? AND subscription_id IN (SELECT id FROM subscriptions)",
             (now, now, delivery_id),
         ).rowcount
         > 0
