@@ -86,6 +86,20 @@ def test_images_and_errors_are_normalised() -> None:
         pytest.param({"code": 200, "msg": "success", "data": {"taskId": "k", "info": {}}}, id="kie-no-image"),
         pytest.param({**KLING_SUCCEED, "task_result": {"images": []}}, id="kling-no-image"),
         pytest.param({"id": "a", "status": "completed", "result": {"images": []}}, id="apimart-no-image"),
+        # An empty URL is no image either (a task must not succeed with nothing to show).
+        pytest.param({"code": 200, "msg": "ok", "data": {"taskId": "k", "info": {"resultImageUrl": " "}}},
+                     id="kie-empty-url"),
+        pytest.param({**KLING_SUCCEED, "task_result": {"images": [{"index": 0, "url": ""}]}}, id="kling-empty-url"),
+        pytest.param({"id": "a", "status": "completed", "result": {"images": [{"url": [""]}]}},
+                     id="apimart-empty-url"),
+        pytest.param({"success": True, "task_id": "x", "data": {"data": [{"url": "", "revised_prompt": "p"}]}},
+                     id="xhuoapi-empty-url"),
+        pytest.param({"success": True, "task_id": "x", "data": {"data": [{"b64_json": ""}]}},
+                     id="xhuoapi-empty-inline-image"),
+        pytest.param({"id": "p1", "status": "succeeded", "output": [""], "input": {"prompt": "p"}},
+                     id="replicate-empty-url-in-list"),
+        pytest.param({"id": "p1", "status": "succeeded", "output": "", "input": {"prompt": "p"}},
+                     id="replicate-empty-url"),
     ],
 )
 def test_success_without_images_fails(payload) -> None:
@@ -214,6 +228,23 @@ async def test_a_dialect_refuses_another_dialects_payload(running: Running) -> N
     ambiguous = await running.post_callback((await mint(running, "auto"))[1], {**KIE_SUCCESS, "success": True})
     assert ambiguous.status_code == 400 and ambiguous.json()["error"]["code"] == "invalid_payload"
     assert (await show(running, task["id"]))["state"] == "submitted"
+
+
+@pytest.mark.anyio
+async def test_an_auto_task_reads_later_callbacks_in_the_dialect_it_learned(running: Running) -> None:
+    task, url = await mint(running, "auto")
+    first = await running.post_callback(url, with_id(KLING_PROCESSING, "task_id", "kl-auto"))
+    assert first.status_code == 200 and (await show(running, task["id"]))["provider"] == "kling"
+    # Detection alone could not tell this one (kling and apimart fields), but the task is kling now.
+    ambiguous = {**with_id(KLING_SUCCEED, "task_id", "kl-auto"), "id": "kl-auto", "progress": 100}
+    with pytest.raises(InvalidPayload):
+        detect(ambiguous)
+    done = await running.post_callback(url, ambiguous)
+    assert done.status_code == 200 and "ignored" not in done.json(), done.text
+    shown = await show(running, task["id"])
+    assert shown["state"] == "succeeded" and shown["result"]["images"][0]["url"] == URL
+    other = await running.post_callback(url, {**APIMART_COMPLETED, "id": "kl-auto"})  # another dialect: refused
+    assert other.status_code == 400 and "kling" in other.json()["error"]["message"]
 
 
 @pytest.mark.anyio

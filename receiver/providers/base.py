@@ -264,18 +264,30 @@ def error_object(value: Any, default_code: str) -> JSON:
 
 
 def image_list(items: Any, *, keys: Sequence[str] = ("url", "revised_prompt", "b64_json")) -> tuple[JSON, ...]:
-    """`[{"url": …}, …]` kept to known keys; InvalidPayload if the shape is wrong."""
+    """`[{"url": …}, …]` kept to known keys; InvalidPayload if the shape is wrong.
+
+    An empty (or blank) URL or `b64_json` is no image: it is left out, so a success that names
+    nothing else fails as `empty_result`, as one with no images does."""
     if not isinstance(items, list):
         raise InvalidPayload("The images must be a list.")
     images = []
     for item in items:
         if isinstance(item, str):
-            images.append({"url": item})
+            if item.strip():
+                images.append({"url": item})
             continue
         if not isinstance(item, dict):
             raise InvalidPayload("Each image must be an object or a URL.")
         image = {k: item[k] for k in keys if isinstance(item.get(k), str)}
+        blank = [k for k in _IMAGE_SOURCES if k in image and not image[k].strip()]
+        for k in blank:
+            del image[k]
         if "url" not in image and "b64_json" not in image:
+            if blank:
+                continue
             raise InvalidPayload("An image has neither 'url' nor 'b64_json'.")
         images.append(image)
     return tuple(images)
+
+
+_IMAGE_SOURCES = ("url", "b64_json")

@@ -61,14 +61,14 @@ class KieDialect:
             return Report(TaskState.FAILED, upstream, error=_EMPTY, dialect=self.name)
         images = []
         result = info.get("resultImageUrl")
-        if isinstance(result, str) and result:
+        if isinstance(result, str) and result.strip():
             image = {"url": result}
             if isinstance(info.get("originImageUrl"), str) and info["originImageUrl"]:
                 image["origin_url"] = info["originImageUrl"]
             images.append(image)
         urls = info.get("resultUrls")  # kie's other image APIs answer a list
         if isinstance(urls, list):
-            images.extend({"url": url} for url in urls if isinstance(url, str) and url)
+            images.extend({"url": url} for url in urls if isinstance(url, str) and url.strip())
         if not images:
             return Report(TaskState.FAILED, upstream, error=_EMPTY, dialect=self.name)
         return Report(TaskState.SUCCEEDED, upstream, images=tuple(images), dialect=self.name)
@@ -111,6 +111,8 @@ class KlingDialect:
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("url"), str):
                 raise InvalidPayload("Each kling image is an object with a 'url'.")
+            if not item["url"].strip():  # no image: a success of nothing else fails as empty_result
+                continue
             image: JSON = {"url": item["url"]}
             if _is_int(item.get("index")):
                 image["index"] = item["index"]
@@ -158,7 +160,7 @@ class ApimartDialect:
             if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
                 raise InvalidPayload("An apimart image's 'url' is a list of URLs.")
             extra = {"expires_at": item["expires_at"]} if item.get("expires_at") is not None else {}
-            images.extend({"url": url, **extra} for url in urls)
+            images.extend({"url": url, **extra} for url in urls if url.strip())
         if not images:
             return Report(TaskState.FAILED, upstream, error=_EMPTY, dialect=self.name)
         return Report(TaskState.SUCCEEDED, upstream, images=tuple(images), progress=share, dialect=self.name)

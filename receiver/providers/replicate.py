@@ -92,7 +92,7 @@ def _images(output: Any) -> tuple[JSON, ...]:
     if output is None:
         return ()
     if isinstance(output, str):
-        return ({"url": output},) if output else ()
+        return ({"url": output},) if output.strip() else ()
     if isinstance(output, dict):
         return image_list([output], keys=("url",))
     return image_list(output, keys=("url",))
