@@ -167,24 +167,29 @@ class AssetStore:
     async def inline_images(self, report: Report) -> Report:
         """`report` with every `b64_json` image stored here and replaced by its URL.
 
-        Raises InvalidPayload if an inline image is not base64.
+        Raises InvalidPayload if an inline image is not base64 or not an image (PNG, JPEG, WebP,
+        GIF, AVIF: what a kept copy may be); every image is checked before any is written.
         """
         if not report.has_inline_images:
             return report
-        images = []
+        decoded: list[bytes | None] = []
         for image in report.images:
             encoded = image.get("b64_json")
-            if not isinstance(encoded, str):
+            decoded.append(await asyncio.to_thread(decode_inline, encoded) if isinstance(encoded, str) else None)
+        images = []
+        for image, data in zip(report.images, decoded, strict=True):
+            if data is None:
                 images.append(image)
                 continue
-            url = self.url(await self.put(await asyncio.to_thread(decode_inline, encoded)))  # megabytes: off the loop
+            url = self.url(await self.put(data))  # megabytes: hashed and written off the loop
             kept = {k: v for k, v in image.items() if k != "b64_json"}
             images.append({**kept, "url": kept.get("url") or url, "asset_url": url})
         return dataclasses.replace(report, images=tuple(images))
 
 
 def decode_inline(encoded: str) -> bytes:
-    """The bytes of a `b64_json` value (a `data:` URL prefix is allowed); InvalidPayload if it is not base64."""
+    """The image in a `b64_json` value (a `data:` URL prefix is allowed); InvalidPayload if it is not
+    base64 or its bytes are not an image `sniff` knows."""
     _, comma, rest = encoded.partition(",")
     text = rest if comma and encoded.startswith("data:") else encoded
     try:
@@ -193,6 +198,8 @@ def decode_inline(encoded: str) -> bytes:
         raise InvalidPayload("An inline image (b64_json) is not valid base64.") from exc
     if not data:
         raise InvalidPayload("An inline image (b64_json) is empty.")
+    if sniff(data) is None:
+        raise InvalidPayload("An inline image (b64_json) is not a PNG, JPEG, WebP, GIF or AVIF image.")
     return data
 
 

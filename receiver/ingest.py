@@ -23,7 +23,7 @@ import orjson
 
 from receiver.assets import without_inline_images
 from receiver.context import Context
-from receiver.errors import InvalidPayload, NotFound
+from receiver.errors import InvalidPayload, NotFound, TaskMismatch
 from receiver.ids import new_id
 from receiver.logs import get_logger
 from receiver.mirror import marked
@@ -32,8 +32,8 @@ from receiver.providers import dialect_for
 from receiver.providers.base import Answer
 from receiver.providers.signatures import SignatureCheck
 from receiver.signing import Claims
-from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback
-from receiver.tasks import Report, Task
+from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback, TaskQuery
+from receiver.tasks import Report, Task, apply_report
 from receiver.types import JSON, TaskState
 
 log = get_logger("receiver.callbacks")
@@ -64,8 +64,11 @@ def parse_payload(body: bytes) -> JSON:
 async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str, str]) -> Applied:
     """Verify, parse and durably record one callback for the task `claims` names."""
     task_id = claims.subject
-    # Tokens minted before they carried the dialect: learn it from the task (one more read).
-    named = claims.scope if claims.scope is not None else (await load_task(ctx, task_id)).provider
+    named = claims.scope
+    if named is None or named == "auto":
+        # Tokens minted before they carried the dialect, and `auto` tasks, which keep the dialect
+        # their first callback was written in (detection is for the first): ask the task (one read).
+        named = (await load_task(ctx, task_id)).provider
     signature = None
     if named in ctx.signatures:  # the dialect is known and signs: check before reading the body
         signature = await ctx.signatures.check(named, body, headers, task_id=task_id)
@@ -104,7 +107,7 @@ async def record(
     from outside only: what the receiver fetched itself is always kept).
     """
     if report.has_inline_images:
-        report = await ctx.assets.inline_images(report)
+        report = await keep_inline_images(ctx, task_id, report)
     if report.state is TaskState.SUCCEEDED:
         report = marked(ctx.settings, report)  # its event waits until the images are kept
     callback = IncomingCallback(
@@ -131,6 +134,28 @@ async def record(
         source=headers.get(SOURCE_HEADER, "callback"),
     )
     return applied
+
+
+async def keep_inline_images(ctx: Context, task_id: str, report: Report) -> Report:
+    """`report` with its inline images (`b64_json`) written to the asset store, if it would change
+    the task; the bytes dropped (a note left) if it would be ignored; refused if it would be.
+
+    Files are written before the transaction that refers to them (an acknowledged result never
+    points at a file that is not there), so the decision is taken here first on the task as it is
+    now, as the store will take it again: a callback that is refused or changes nothing writes no
+    file, and a leaked callback URL cannot fill the disk with images nothing refers to. What can
+    still write a file that ends up unused is a result racing another for the same task.
+    """
+    task = await load_task(ctx, task_id)
+    new = apply_report(task, report, now=ctx.clock()).task  # raises what the store would raise
+    if new is None or new.state is not TaskState.SUCCEEDED:
+        return report.replace(images=tuple(without_inline_images(image) for image in report.images))
+    named = new.upstream_task_id
+    if named is not None and named != task.upstream_task_id:  # the task would learn it: is it free?
+        holders = await ctx.store.list_tasks(TaskQuery(upstream_task_id=named, provider=new.provider, limit=2))
+        if any(holder.id != task.id for holder in holders):
+            raise TaskMismatch(task.id, task.upstream_task_id, named, taken=True)
+    return await ctx.assets.inline_images(report)
 
 
 async def record_answer(ctx: Context, task_id: str, answer: Answer, source: str, report: Report) -> Applied:

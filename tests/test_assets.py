@@ -99,8 +99,62 @@ async def test_inline_images_become_asset_urls(tmp_path: Path) -> None:
     assert decode_inline("data:image/png;base64," + encoded) == PNG
     with pytest.raises(InvalidPayload):
         await assets.inline_images(Report(TaskState.SUCCEEDED, images=({"b64_json": "not base64!"},)))
+    with pytest.raises(InvalidPayload):
+        decode_inline(base64.b64encode(b"%PDF-1.7").decode())
     assert without_inline_images({"data": [{"b64_json": encoded}], "n": 1}) == {
         "data": [{"b64_json": f"[{len(encoded)} base64 characters, stored as an asset]"}], "n": 1}
+
+
+def inline(data: bytes) -> dict[str, str]:
+    return {"b64_json": base64.b64encode(data).decode()}
+
+
+def xhuoapi_success(upstream: str, *images: dict[str, str]) -> dict[str, object]:
+    return {"success": True, "task_id": upstream, "trace_id": "t", "data": {"created": 1, "data": list(images)}}
+
+
+@pytest.mark.anyio
+async def test_only_a_callback_that_changes_its_task_writes_inline_images(tmp_path: Path, running: Running) -> None:
+    """A leaked callback URL cannot fill the disk: what is refused or ignored writes no file."""
+    def stored() -> set[str]:
+        folder = tmp_path / "assets"
+        return {p.name for p in folder.iterdir()} if folder.exists() else set()
+
+    def png(n: int) -> bytes:  # distinct files, each still a PNG
+        return PNG + bytes([n])
+
+    async def mint() -> tuple[str, str]:
+        minted = (await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi"})).json()
+        return minted["task"]["id"], minted["callback_url"]
+
+    task_id, url = await mint()
+    refused = [
+        xhuoapi_success("up-1", inline(png(1)), {"b64_json": "not base64!"}),  # checked before any is written
+        xhuoapi_success("up-1", inline(b"<svg onload=alert(1)>")),  # not an image a kept copy may be
+    ]
+    for body in refused:
+        answer = await running.post_callback(url, body)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_payload", answer.text
+    assert stored() == set()
+
+    applied = await running.post_callback(url, xhuoapi_success("up-1", inline(png(2))))
+    assert applied.status_code == 200 and "ignored" not in applied.json(), applied.text
+    kept = {f"{hashlib.sha256(png(2)).hexdigest()}.png"}
+    assert stored() == kept
+
+    ignored = await running.post_callback(url, xhuoapi_success("up-1", inline(png(3))))  # the task is terminal
+    assert ignored.status_code == 200 and ignored.json()["ignored"] is True
+    mismatch = await running.post_callback(url, xhuoapi_success("up-2", inline(png(4))))
+    assert mismatch.status_code == 409 and mismatch.json()["error"]["code"] == "task_mismatch"
+    _, other_url = await mint()
+    taken = await running.post_callback(other_url, xhuoapi_success("up-1", inline(png(5))))
+    assert taken.status_code == 409 and taken.json()["error"]["details"]["reason"] == "upstream_task_taken"
+    assert stored() == kept
+
+    shown = (await running.api.get(f"/v1/tasks/{task_id}")).json()
+    assert shown["state"] == "succeeded" and shown["result"]["images"][0]["asset_url"].startswith(running.url)
+    logged = (await running.api.get(f"/v1/tasks/{task_id}/callbacks")).json()["data"]
+    assert [entry["verdict"] for entry in logged].count("ignored") == 1  # logged all the same
 
 
 def test_asset_tokens_never_reach_the_logs() -> None:
