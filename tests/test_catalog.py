@@ -51,7 +51,12 @@ RULES = [
     pytest.param({**XH_GPT, "model": "nano-banana", "n": 0}, [], "n", id="n-below-1"),
     pytest.param({**XH_GPT, "n": 2}, [], "n", id="gpt-image-2-n-2"),
     pytest.param({**XH_GPT, "size": "large"}, [], "size", id="size-not-wxh"),
+    pytest.param({**XH_GPT, "size": ""}, [], "size", id="size-empty"),
     pytest.param({**XH_GPT, "size": "1000x1000"}, [], "size", id="size-not-multiple-of-16"),
+    # The provider's own 1K output sizes: its document says they may be reused, the contract's
+    # multiple-of-16 rule refuses them (README, "Decisions").
+    pytest.param({**XH_GPT, "size": "1254x1254"}, [], "size", id="size-1k-output-square"),
+    pytest.param({**XH_GPT, "size": "941x1672"}, [], "size", id="size-1k-output-tall"),
     pytest.param({**XH_GPT, "size": "1024x1024\n"}, [], "size", id="size-trailing-newline"),
     pytest.param({**XH_GPT, "size": "4096x1024"}, [], "size", id="size-side-over-3840"),
     pytest.param({**XH_GPT, "size": "3840x2560"}, [], "size", id="size-over-8294400-pixels"),
@@ -195,9 +200,6 @@ ACCEPTED = [
     pytest.param({**ROUTER, "size": "2048x2048", "aspect_ratio": "1:1"}, 0, id="router-pixels-agree"),
     pytest.param({**ROUTER, "size": "1792x1024", "aspect_ratio": "16:9"}, 0, id="router-pixels-near-ratio"),
     pytest.param({**ROUTER, "size": "2048x1152", "resolution": "1K"}, 0, id="router-pixels-and-tier-left-to-it"),
-    pytest.param({**XH_GPT, "size": ""}, 0, id="size-empty-is-auto"),
-    pytest.param({**XH_GPT, "size": "1254x1254"}, 0, id="size-1k-alias-square"),
-    pytest.param({**XH_GPT, "size": "941x1672"}, 0, id="size-1k-alias-tall"),
     pytest.param({**XH_GPT, "size": "3840x2160"}, 0, id="size-at-the-pixel-limit"),
     pytest.param({**XH_GPT, "size": "2160x3840", "quality": "high"}, 0, id="size-tall-4k"),
     pytest.param({**XH_DALLE, "size": "1792x1024", "quality": "hd", "style": "natural", "n": 1}, 0,
@@ -225,6 +227,12 @@ def test_parameters_a_model_ignores_are_dropped_with_a_warning(model: str) -> No
                                                                            "size": "1792x1024"}
     assert len(request.warnings) == 3 and all("dropped" in w for w in request.warnings)
     assert {w.split("'")[1] for w in request.warnings} == {"quality", "style", "n"}
+    # Parameters xhuoapi itself does not take are dropped too (DESIGN: "others are dropped"; seed 004:
+    # "these will be ignored if provided"), never refused.
+    others = {"output_format": "png", "aspect_ratio": "1:1", "resolution": "4K", "background": "transparent",
+              "response_format": "b64_json", "image_input": ["https://cdn.example/ref.png"]}
+    request = validate({**XH_GPT, "model": model, **others})
+    assert request.params == {} and {w.split("'")[1] for w in request.warnings} == set(others)
 
 
 @pytest.mark.anyio

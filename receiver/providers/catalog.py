@@ -178,10 +178,13 @@ def validate(
         known = param_rules(provider, name_of_model)
         given = {k: v for k, v in body.items() if k not in OWN_FIELDS and v is not None}
         accepted: JSON = {}
+        only = (rules or {}).get("only")
         for name, value in given.items():
             rule = known.get(name)
             if rule is None:
-                if entry.get("passthrough"):  # the model's own input, checked by the provider
+                # The model's own input, checked by the provider; or, for a model that reads only a
+                # few parameters, one that means nothing to it: dropped below, with a warning.
+                if entry.get("passthrough") or only is not None:
                     accepted[name] = value
                 else:
                     bad.add(name, f"is not a parameter {provider} accepts")
@@ -201,7 +204,6 @@ def validate(
                 bad.add(rule["field"], problem)
         checked_uploads = _check_uploads(uploads, entry, provider, bad)
         _check_references(accepted, checked_uploads, entry, merged.get("max_references"), bad)
-        only = (rules or {}).get("only")
         for name, value in accepted.items():
             if only is not None and name not in only:
                 warnings.append(f"'{name}' means nothing to {model} on {provider}: it was dropped, not sent")
