@@ -47,11 +47,13 @@ _NETWORKS: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]
     (ipaddress.ip_network(net), reason)
     for net, reason in (
         ("169.254.169.254/32", "cloud metadata"),  # AWS, GCP, Azure, DigitalOcean, …
+        ("192.0.0.192/32", "cloud metadata"),  # Oracle Cloud (legacy)
         ("169.254.170.2/32", "cloud metadata"),  # AWS ECS task metadata
         ("fd00:ec2::254/128", "cloud metadata"),  # AWS over IPv6
         ("100.100.100.200/32", "cloud metadata"),  # Alibaba Cloud
         ("168.63.129.16/32", "cloud metadata"),  # Azure's platform endpoint (a public address)
         ("100.64.0.0/10", "shared address space (CGNAT)"),
+        ("192.0.0.0/24", "IETF protocol assignment"),  # not globally reachable (Python's is_global lets it by)
         ("192.0.2.0/24", "documentation"),
         ("198.51.100.0/24", "documentation"),
         ("203.0.113.0/24", "documentation"),
@@ -63,6 +65,37 @@ _NETWORKS: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _LEGACY_IPV4 = re.compile(r"^[0-9a-fx.]+$", re.IGNORECASE)  # 127.1, 0x7f.1, 2130706433
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)", re.IGNORECASE)  # one label of a DNS name (IDNA-encoded)
+
+
+class MalformedUrl(ValueError):
+    """Not an http(s) URL with a host a resolver takes; the message says what is wrong."""
+
+
+def read_url(url: str) -> httpx.URL:
+    """`url` as the receiver will call it; MalformedUrl unless it is http(s), has no spaces or
+    control characters, and names a well-formed host (an IP address, or a DNS name whose labels
+    are 1-63 letters, digits, `-` or `_`, not starting or ending with `-`) and a valid port."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise MalformedUrl("contains spaces or control characters")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise MalformedUrl("is not a valid URL") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+        raise MalformedUrl("must be an http:// or https:// URL with a host")
+    if not _well_formed_host(parsed.raw_host.decode("ascii")):
+        raise MalformedUrl("has a host name that is not valid")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise MalformedUrl("has a port outside 1-65535")
+    return parsed
+
+
+def _well_formed_host(host: str) -> bool:
+    if ":" in host or literal_address(host) is not None:  # an IPv6 literal (httpx read it) or IPv4
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def refusal(address: IPAddress) -> str | None:
@@ -82,8 +115,8 @@ def refusal(address: IPAddress) -> str | None:
         ("is_loopback", "loopback"),
         ("is_link_local", "link-local"),
         ("is_multicast", "multicast"),
+        ("is_reserved", "reserved"),  # before "private": Python counts 240.0.0.0/4 as both
         ("is_private", "private"),
-        ("is_reserved", "reserved"),
     ):
         if getattr(address, flag):
             return reason
@@ -121,18 +154,13 @@ class UrlGuard:
         self.resolver = resolver
 
     def parse(self, url: str, *, field: str = "url") -> httpx.URL:
-        """The URL as the sender will read it; UrlNotAllowed unless it is http(s) with a host."""
+        """The URL as the sender will read it; UrlNotAllowed unless `read_url` takes it."""
         if len(url) > MAX_URL_LENGTH:
             raise self._refuse(field, f"is longer than {MAX_URL_LENGTH} characters")
         try:
-            parsed = httpx.URL(url)
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise self._refuse(field, "is not a valid URL") from exc
-        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
-            raise self._refuse(field, "must be an http:// or https:// URL with a host")
-        if parsed.port is not None and not 0 < parsed.port < 65536:
-            raise self._refuse(field, "has a port outside 1-65535")
-        return parsed
+            return read_url(url)
+        except MalformedUrl as exc:
+            raise self._refuse(field, str(exc)) from exc
 
     async def check(self, url: str, *, field: str = "url") -> None:
         """Refuse (UrlNotAllowed) a URL the receiver must not call.

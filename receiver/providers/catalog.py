@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
 from receiver.assets import sniff
+from receiver.delivery.urlguard import MalformedUrl, read_url
 from receiver.errors import InvalidParameters
 from receiver.nesting import MAX_DEPTH, too_deep
 from receiver.providers.base import Upload
@@ -278,10 +278,10 @@ def _show(value: Any) -> str:
 
 def _is_url(value: str) -> bool:
     try:
-        parts = urlsplit(value)
-    except ValueError:  # e.g. an unclosed "[" in the host: not a URL anyone can fetch
+        read_url(value)
+    except MalformedUrl:  # e.g. an unclosed "[" in the host, a space, an empty label: nobody can fetch it
         return False
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
+    return True
 
 
 def _check_dimensions(value: str, spec: Mapping[str, Any]) -> str | None:

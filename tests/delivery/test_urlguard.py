@@ -42,8 +42,10 @@ REFUSED_ADDRESSES = [
     pytest.param("[ff02::1]", "multicast", id="ipv6-multicast"),
     pytest.param("0.0.0.0", "unspecified", id="ipv4-unspecified"),
     pytest.param("[::]", "unspecified", id="ipv6-unspecified"),
-    pytest.param("240.0.0.1", "private", id="ipv4-reserved-class-e"),
-    pytest.param("255.255.255.255", "private", id="ipv4-broadcast"),
+    pytest.param("240.0.0.1", "reserved", id="ipv4-reserved-class-e"),
+    pytest.param("255.255.255.255", "reserved", id="ipv4-broadcast"),
+    pytest.param("192.0.0.8", "IETF protocol assignment", id="ipv4-ietf-protocol-assignments"),
+    pytest.param("192.0.0.192", "cloud metadata", id="metadata-oracle-legacy"),
     pytest.param("192.0.2.10", "documentation", id="ipv4-documentation"),
     pytest.param("[2001:db8::1]", "documentation", id="ipv6-documentation"),
     pytest.param("198.18.0.1", "benchmarking", id="ipv4-benchmarking"),
@@ -113,6 +115,13 @@ async def test_local_and_metadata_names(url: str) -> None:
         pytest.param("http:///path-only", id="no-host"),
         pytest.param("https://example.com:99999/", id="bad-port"),
         pytest.param("https://example.com/" + "a" * 2100, id="too-long"),
+        pytest.param("http://a..b/", id="empty-label"),
+        pytest.param("http://exa mple.com/", id="space-in-host"),
+        pytest.param("http://example.com/a b", id="space-in-path"),
+        pytest.param("http://example.com/\x00", id="control-character"),
+        pytest.param("http://-bad-.com/", id="label-with-edge-hyphen"),
+        pytest.param(f"http://{'a' * 64}.com/", id="label-over-63"),
+        pytest.param("http://[::1/", id="unclosed-bracket"),
     ],
 )
 async def test_only_http_and_https_urls_with_a_host(url: str) -> None:
@@ -129,6 +138,9 @@ async def test_only_http_and_https_urls_with_a_host(url: str) -> None:
         pytest.param("https://[64:ff9b::5db8:d822]/hook", id="nat64-of-public"),
         pytest.param("https://[::ffff:93.184.216.34]/hook", id="mapped-public"),
         pytest.param("https://unresolvable.example.org/hook", id="not-resolvable-yet"),
+        pytest.param("https://hooks.example.com./hook", id="fully-qualified"),
+        pytest.param("https://my_hooks.example.org/hook", id="underscore"),
+        pytest.param("https://bücher.example.org/hook", id="internationalised"),
     ],
 )
 async def test_public_urls_pass(url: str) -> None:
