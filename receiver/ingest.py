@@ -17,6 +17,7 @@ callback never takes an unsigned one afterwards.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 
 import orjson
@@ -32,7 +33,13 @@ from receiver.providers import dialect_for
 from receiver.providers.base import Answer
 from receiver.providers.signatures import SignatureCheck
 from receiver.signing import Claims
-from receiver.store.base import KEPT_CALLBACK_HEADERS, Applied, IncomingCallback, TaskQuery
+from receiver.store.base import (
+    CREDENTIAL_WORDS,
+    DROPPED_CALLBACK_HEADERS,
+    Applied,
+    IncomingCallback,
+    TaskQuery,
+)
 from receiver.tasks import Report, Task, apply_report
 from receiver.types import JSON, TaskState
 
@@ -40,6 +47,7 @@ log = get_logger("receiver.callbacks")
 
 #: Marks a callback-log entry the receiver fetched itself: "poll" or "sync-response".
 SOURCE_HEADER = "x-receiver-source"
+_CREDENTIAL = re.compile("|".join(map(re.escape, CREDENTIAL_WORDS)))
 
 
 async def load_task(ctx: Context, task_id: str) -> Task:
@@ -79,11 +87,25 @@ async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str
     report = dialect.parse(payload)
     if signature is SignatureCheck.UNCHECKED:
         report = report.with_warning(ctx.signatures.warning(dialect.name))
-    kept = {k: v for k, v in headers.items() if k.lower() in KEPT_CALLBACK_HEADERS}
+    kept = kept_headers(headers)
     # A leaked callback URL cannot fill the database: at most so many callbacks kept per task (later
     # ones are still applied and answered, not kept).
     limit = ctx.settings.max_callbacks_per_task
     return await record(ctx, task_id, body, kept, report, signature=signature, max_callbacks=limit)
+
+
+def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers a callback's log entry keeps: all but credentials (`DROPPED_CALLBACK_HEADERS`,
+    names with a `CREDENTIAL_WORDS` word) and the receiver's own mark (`x-receiver-source`), which
+    only what it fetched itself carries. A header sent more than once keeps its values joined by
+    commas, as HTTP reads them."""
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key in DROPPED_CALLBACK_HEADERS or key == SOURCE_HEADER or _CREDENTIAL.search(key):
+            continue
+        kept[key] = f"{kept[key]}, {value}" if key in kept else value
+    return kept
 
 
 async def record(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from receiver.fakes.provider import FakeProvider
@@ -67,6 +68,24 @@ async def test_submit_callback_and_status(running: Running, fake_provider: tuple
     assert [(c["verdict"], c["duplicate"], c["ignored"]) for c in callbacks] == [("accepted", False, False)]
     assert callbacks[0]["body"]["task_id"] == task["upstream_task_id"]
     assert callbacks[0]["headers"]["content-type"] == "application/json"
+
+
+async def test_the_callback_log_keeps_every_header_but_credentials(running: Running) -> None:
+    minted = (await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi"})).json()
+    sent = [("X-Webhook-Signature", "v1=abc"), ("X-Webhook-Timestamp", "123"), ("Traceparent", "00-abc-def-01"),
+            ("X-Custom", "one"), ("X-Custom", "two"), ("Authorization", "Bearer provider-key"),
+            ("Cookie", "session=s"), ("X-Gitlab-Token", "t"), ("X-Webhook-Secret", "s"),
+            ("X-Receiver-Source", "poll"), ("Content-Type", "application/json")]
+    async with httpx.AsyncClient() as raw:
+        answer = await raw.post(minted["callback_url"], content=orjson.dumps(success("up-h")), headers=sent)
+    assert answer.status_code == 200, answer.text
+    [logged] = (await running.api.get(f"/v1/tasks/{minted['task']['id']}/callbacks")).json()["data"]
+    headers = logged["headers"]
+    assert headers["x-webhook-signature"] == "v1=abc" and headers["x-webhook-timestamp"] == "123"
+    assert headers["traceparent"] == "00-abc-def-01" and headers["x-custom"] == "one, two"
+    assert headers["content-type"] == "application/json" and "host" in headers
+    # Credentials never; nor the mark of what the receiver fetched itself, which a caller could forge.
+    assert not {"authorization", "cookie", "x-gitlab-token", "x-webhook-secret", "x-receiver-source"} & set(headers)
 
 
 async def test_a_failure_callback_fails_the_task(running: Running) -> None:

@@ -24,23 +24,10 @@ from receiver.types import JSON, DeliveryStatus, EventType, TaskState, Value, Ve
 
 Decide = Callable[[Task], Transition]
 
-#: Headers kept with each callback (others are dropped: they may carry credentials).
-KEPT_CALLBACK_HEADERS = frozenset(
-    {
-        "content-type",
-        "content-length",
-        "user-agent",
-        "x-forwarded-for",
-        "x-request-id",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-        "x-fal-webhook-request-id",
-        "x-fal-webhook-user-id",
-        "x-fal-webhook-timestamp",
-        "x-fal-webhook-signature",
-    }
-)
+#: Headers a callback's log entry never keeps, as they may carry credentials: these, and any whose
+#: name has one of CREDENTIAL_WORDS in it (`x-gitlab-token`, `x-webhook-secret`). Signatures stay.
+DROPPED_CALLBACK_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
+CREDENTIAL_WORDS = ("token", "secret", "password", "passwd", "apikey", "api-key", "credential", "session")
 
 
 @dataclass(frozen=True, slots=True)
