@@ -73,7 +73,10 @@ class Client:
     ) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def request(self, method: str, path: str, *, expect: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        """The JSON object the receiver answered; ClientError if it refused, could not be reached, or
+        what answered is not the receiver (not a JSON object, or without the `expect`ed keys: a
+        wrong port, a tunnel's warning page, a proxy)."""
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -84,30 +87,44 @@ class Client:
             body = response.text
         if response.status_code >= 400:
             raise refused(response.status_code, body)
+        if not isinstance(body, dict) or any(key not in body for key in expect):
+            kind = response.headers.get("content-type", "no content type")
+            raise ClientError(
+                f"what answers at {self._http.base_url} is not the receiver (HTTP {response.status_code}, {kind}, "
+                f"not the answer {method} {path} gives): check RECEIVER_URL",
+                status=response.status_code,
+                body=body,
+            )
         return body
 
     def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> Any:
         headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", "/v1/tasks", json=dict(body), headers=headers)
+        return self.request("POST", "/v1/tasks", json=dict(body), headers=headers, expect=_TASK)
 
     def task(self, task_id: str, *, wait: float = 0) -> Any:
         params = {"wait": wait} if wait else {}
-        return self.request("GET", f"/v1/tasks/{_segment(task_id)}", params=params)
+        return self.request("GET", f"/v1/tasks/{_segment(task_id)}", params=params, expect=_TASK)
 
     def tasks(self, **filters: Any) -> Any:
-        return self.request("GET", "/v1/tasks", params={k: v for k, v in filters.items() if v is not None})
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self.request("GET", "/v1/tasks", params=params, expect=_PAGE)
 
     def callback_url(self, provider: str, *, expires_in: int | None = None) -> Any:
         body: dict[str, Any] = {"provider": provider}
         if expires_in is not None:  # the receiver says what it takes (60 s to a year)
             body["expires_in"] = expires_in
-        return self.request("POST", "/v1/callback-urls", json=body)
+        return self.request("POST", "/v1/callback-urls", json=body, expect=("task", "callback_url"))
 
     def deliveries(self, **filters: Any) -> Any:
-        return self.request("GET", "/v1/deliveries", params={k: v for k, v in filters.items() if v is not None})
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self.request("GET", "/v1/deliveries", params=params, expect=_PAGE)
 
     def redeliver(self, delivery_id: str) -> Any:
-        return self.request("POST", f"/v1/deliveries/{_segment(delivery_id)}/retry")
+        return self.request("POST", f"/v1/deliveries/{_segment(delivery_id)}/retry", expect=("id", "status"))
+
+
+_TASK = ("id", "state")
+_PAGE = ("data",)
 
 
 def _segment(value: str) -> str:

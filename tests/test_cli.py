@@ -216,3 +216,42 @@ async def test_following_a_task_gives_up_on_a_receiver_that_is_gone() -> None:
     with pytest.raises(ClientError, match="lost the receiver"):
         async for _ in follow("http://127.0.0.1:9", "k", "tsk_1", give_up_after=0.3, retry_every=0.05):
             pass
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [pytest.param("text/html", b"<html>a tunnel's warning page</html>", id="html"),
+     pytest.param("application/json", b'{"ok": true}', id="json-of-another-shape"),
+     pytest.param("application/json", b"[1, 2]", id="json-not-an-object")],
+)
+def test_a_server_that_is_not_the_receiver_is_named_not_a_traceback(content_type: str, body: bytes, capsys) -> None:
+    """RECEIVER_URL at a wrong port, a tunnel's interstitial or a proxy answers 200 with something else."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Impostor(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ["--url", f"http://127.0.0.1:{server.server_port}", "--api-key", "k"]
+        for argv in (["tasks"], ["deliveries"], ["redeliver", "dlv_1"], ["callback-url"],
+                     ["submit", "--provider", "xhuoapi", "--model", "gpt-image-2", "--prompt", "p"]):
+            assert cli.main([argv[0], *client, *argv[1:]]) == 1, argv
+            err = capsys.readouterr().err
+            assert "is not the receiver" in err and "Traceback" not in err, (argv, err)
+    finally:
+        server.shutdown()
+        server.server_close()
