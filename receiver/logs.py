@@ -116,3 +116,12 @@ def configure_logging(level: str = "info") -> None:
     # uvicorn's access log prints raw paths, which would leak callback tokens;
     # the receiver logs its own, redacted, access lines instead.
     logging.getLogger("uvicorn.access").disabled = True
+    # Other libraries' warnings (asyncio, httpx, …) would reach Python's last-resort handler and
+    # come out as plain text among the JSON lines: they go through the JSON formatter too (unless
+    # something, a test runner say, already handles the root logger).
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(handler)
+    # The multipart parser warns about every malformed form it is given; the client is answered
+    # 400 for it, so it is no news for the operator.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)

@@ -209,3 +209,18 @@ async def test_readyz_follows_the_postgres_database(tmp_path: Path) -> None:
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+def test_other_libraries_warnings_are_json_lines_too() -> None:
+    """Without a handler of their own they would come out as plain text among the JSON lines."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging; from receiver.logs import configure_logging; configure_logging('info');"
+        "logging.getLogger('somelib').warning('disk %s', 'slow');"
+        "logging.getLogger('python_multipart.multipart').warning('Expected boundary character 45')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    assert [(line["level"], line["logger"], line["event"]) for line in lines] == [("warning", "somelib", "disk slow")]

@@ -205,7 +205,7 @@ async def test_multipart_files_reach_xenodia_intact(tmp_path: Path) -> None:
     first = PNG + os.urandom(2048)  # bytes after the magic are arbitrary: they must arrive as sent
     second = b"\xff\xd8\xff\xe0" + os.urandom(4096) + bytes(range(256))
     async with serve_in_background(fake.app) as url, start_receiver(tmp_path, provider_url=url, **FAST) as running:
-        form = {"provider": "xenodia", "model": "nano-banana-pro", "prompt": "use these", "resolution": "2K",
+        form = {"provider": "xenodia", "model": "nano-banana-pro", "prompt": "use these ☃ 雪", "resolution": "2K",
                 "n": "1", "image_input": ["https://cdn.example/a.png", "https://cdn.example/b.png"]}
         files = [("image", ("first.png", first, "image/png")),
                  ("image[]", ("second.jpg", second, "application/octet-stream"))]
@@ -213,7 +213,7 @@ async def test_multipart_files_reach_xenodia_intact(tmp_path: Path) -> None:
         answer = await running.api.post("/v1/tasks", data=form, files=files, headers=headers)
         assert answer.status_code == 202, answer.text
         task = answer.json()
-        assert task["request"] == {"prompt": "use these", "resolution": "2K", "n": 1,
+        assert task["request"] == {"prompt": "use these ☃ 雪", "resolution": "2K", "n": 1,
                                    "image_input": ["https://cdn.example/a.png", "https://cdn.example/b.png"]}
         sent = fake.requests[0]
         assert sent["content_type"].startswith("multipart/form-data")
@@ -259,6 +259,15 @@ async def test_uploads_are_limited_while_reading(tmp_path: Path, fake_provider) 
         broken = await running.api.post(
             "/v1/tasks", content=b"--nope\r\n", headers={"content-type": "multipart/form-data"})
         assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_request"
+        # A text field that is not UTF-8 is refused, not read as Latin-1 and sent upstream garbled.
+        latin = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"provider\"\r\n\r\nxenodia\r\n"
+                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nnano-banana-pro\r\n"
+                 f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n").encode()
+        latin += b"\xff\xfe caf\xe9\r\n" + f"--{boundary}--\r\n".encode()
+        garbled = await running.api.post(
+            "/v1/tasks", content=latin, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_request", garbled.text
+        assert "'prompt'" in garbled.json()["error"]["message"]
     assert fake.requests == []
 
 

@@ -37,7 +37,7 @@ async def read_submission_form(request: Request, limit: int) -> tuple[JSON, list
         raise PayloadTooLarge(f"The upload is larger than {limit} bytes.", details={"limit": limit})
     try:
         async with aclosing(_limited(request, limit)) as stream:
-            parser = MultiPartParser(
+            parser = _StrictParser(
                 request.headers, stream, max_files=MAX_FILES, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES
             )
             form = await parser.parse()
@@ -57,6 +57,20 @@ async def read_submission_form(request: Request, limit: int) -> tuple[JSON, list
         await form.close()
     body, problems = form_body(fields)
     return body, uploads, problems
+
+
+class _StrictParser(MultiPartParser):
+    """Text fields must be text in the form's charset (UTF-8 unless the form names another):
+    Starlette reads bytes that do not decode as Latin-1, which would send a garbled prompt upstream."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset)
+            except (UnicodeDecodeError, LookupError) as exc:
+                raise MultiPartException(f"the field '{part.field_name}' is not {self._charset} text") from exc
+        super().on_part_end()
 
 
 async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
