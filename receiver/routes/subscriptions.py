@@ -17,7 +17,8 @@ from starlette.routing import Route
 
 from receiver.clock import isoformat, parse_iso
 from receiver.config import new_webhook_secret
-from receiver.errors import Conflict, InvalidParameters, NotFound, json_response
+from receiver.context import Context
+from receiver.errors import Conflict, InvalidParameters, NotFound, UrlNotAllowed, json_response
 from receiver.ids import new_id
 from receiver.routes import Problems, context, read_fields
 from receiver.store.base import Subscription
@@ -41,6 +42,17 @@ def _url(value: Any, problems: Problems) -> str | None:
         problems.append({"field": "url", "message": "is required: the endpoint's http(s) URL"})
         return None
     return value.strip()
+
+
+def _with_url_form(ctx: Context, url: str | None, problems: Problems) -> Problems:
+    """`problems`, and the URL's if its form is wrong: a request with several bad fields hears of
+    them all at once (a URL alone that may not be called is `url_not_allowed`, from the guard)."""
+    if url is not None:
+        try:
+            ctx.url_guard.parse(url)
+        except UrlNotAllowed as exc:
+            return [{"field": "url", "message": exc.message}, *problems]
+    return problems
 
 
 def _events(value: Any, problems: Problems) -> tuple[str, ...] | None:
@@ -116,7 +128,7 @@ async def create_subscription(request: Request) -> Response:
     description = _description(body.get("description"), problems)
     secret = _secret(body.get("secret"), problems)
     if problems or url is None or events is None:
-        raise InvalidParameters(problems)
+        raise InvalidParameters(_with_url_form(ctx, url, problems))
     await ctx.url_guard.check(url)
     now = ctx.clock()
     subscription = Subscription(
@@ -161,7 +173,7 @@ async def update_subscription(request: Request) -> Response:
         elif subscription.enabled:
             changes.update(enabled=False, disabled_reason="disabled through the API")
     if problems:
-        raise InvalidParameters(problems)
+        raise InvalidParameters(_with_url_form(ctx, changes.get("url"), problems))
     if "url" in changes:
         await ctx.url_guard.check(changes["url"])
     if not changes:

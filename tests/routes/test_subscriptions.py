@@ -107,6 +107,8 @@ BAD_BODIES = [
     pytest.param({"url": URL, "secret": 42}, {"secret"}, id="secret-not-a-string"),
     pytest.param({"url": URL, "evnets": ["*"]}, {"evnets"}, id="unknown-field"),
     pytest.param({"events": ["nope"], "secret": "x"}, {"url", "events", "secret"}, id="everything-at-once"),
+    # A URL of the wrong form is named with the rest (alone, it is url_not_allowed: see below).
+    pytest.param({"url": "ftp://x", "events": "x"}, {"url", "events"}, id="bad-url-and-events"),
 ]
 
 
@@ -146,6 +148,9 @@ async def test_bad_json_and_bad_patches(local: Running) -> None:
         refused = assert_error(await local.api.patch(path, json=body), 400, "invalid_parameters")
         assert [f["field"] for f in refused["error"]["details"]["fields"]] == [field]
     assert_error(await local.api.patch(path, json={"url": "gopher://x"}), 400, "url_not_allowed")
+    both = await local.api.patch(path, json={"url": "gopher://x", "enabled": 1})
+    both = assert_error(both, 400, "invalid_parameters")
+    assert [f["field"] for f in both["error"]["details"]["fields"]] == ["url", "enabled"]
     assert_error(await local.api.patch("/v1/subscriptions/sub_nope", json={}), 404, "subscription_not_found")
     assert (await local.api.get(path)).json()["url"] == URL  # nothing changed
 
