@@ -539,7 +539,7 @@ PATHS: JSON = {
     },
     "/callbacks/{token}": {
         "post": {
-            "summary": "A provider's callback (authorised by the signed URL alone)",
+            "summary": "A provider's callback (authorised by the signed URL alone; a trailing slash is taken too)",
             "operationId": "receiveCallback",
             "parameters": [path_param("token", "The signed token from the callback URL.")],
             "requestBody": json_body({"type": "object"}),

@@ -154,6 +154,9 @@ async def test_the_callback_suffix_route(running: Running, fake_provider) -> Non
     task, url = await submit_silent(running, fake)
     answer = await running.post_callback(url + "/callback", success(task["upstream_task_id"]))
     assert answer.status_code == 200 and answer.json()["task_id"] == task["id"]
+    for slashed in (url + "/", url + "/callback/"):  # taken as they are: senders do not follow a POST's redirect
+        again = await running.post_callback(slashed, success(task["upstream_task_id"]))
+        assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
 
 
 @on_every_database

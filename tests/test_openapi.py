@@ -20,7 +20,9 @@ def served(routes, prefix: str = "") -> set[tuple[str, str]]:
         if isinstance(route, Mount):
             found |= served(route.routes, prefix + route.path)
         elif isinstance(route, Route):
-            found |= {(prefix + route.path, method.lower()) for method in route.methods or () if method != "HEAD"}
+            path = prefix + route.path
+            path = path.rstrip("/") or "/"  # a trailing slash is an alias of the path without (callbacks)
+            found |= {(path, method.lower()) for method in route.methods or () if method != "HEAD"}
     return found
 
 

@@ -1,4 +1,5 @@
-"""Callback ingress: `POST /callbacks/{token}` (and `/callback` appended, as apimart does)."""
+"""Callback ingress: `POST /callbacks/{token}` (and `/callback` appended, as apimart does; either with a
+trailing slash)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,14 @@ async def receive_callback(request: Request) -> Response:
     return json_response(answer)
 
 
+# With a trailing slash too: a sender that adds one gets the callback taken, not a redirect
+# (senders do not follow redirects of a POST).
 routes = [
-    Route("/callbacks/{token}", receive_callback, methods=["POST"]),
-    Route("/callbacks/{token}/callback", receive_callback, methods=["POST"]),
+    Route(path, receive_callback, methods=["POST"])
+    for path in (
+        "/callbacks/{token}",
+        "/callbacks/{token}/",
+        "/callbacks/{token}/callback",
+        "/callbacks/{token}/callback/",
+    )
 ]
