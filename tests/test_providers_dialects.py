@@ -53,6 +53,8 @@ XHUOAPI_FAILURE = {"success": False, "error": {"code": "api_error", "message": "
         pytest.param(APIMART_PROGRESS, "apimart", TaskState.RUNNING, "am-1", id="apimart-progress"),
         pytest.param(APIMART_COMPLETED, "apimart", TaskState.SUCCEEDED, "am-1", id="apimart-completed"),
         pytest.param(APIMART_FAILED, "apimart", TaskState.FAILED, "am-1", id="apimart-failed"),
+        pytest.param({"id": "am-1", "status": "cancelled"}, "apimart", TaskState.CANCELLED, "am-1",
+                     id="apimart-cancelled"),
         pytest.param(XHUOAPI_SUCCESS, "xhuoapi", TaskState.SUCCEEDED, "xh-1", id="xhuoapi-success"),
         pytest.param(XHUOAPI_FAILURE, "xhuoapi", TaskState.FAILED, None, id="xhuoapi-failure"),
     ],
@@ -228,6 +230,16 @@ async def test_a_dialect_refuses_another_dialects_payload(running: Running) -> N
     ambiguous = await running.post_callback((await mint(running, "auto"))[1], {**KIE_SUCCESS, "success": True})
     assert ambiguous.status_code == 400 and ambiguous.json()["error"]["code"] == "invalid_payload"
     assert (await show(running, task["id"]))["state"] == "submitted"
+
+
+@pytest.mark.anyio
+async def test_apimart_can_cancel_its_task(running: Running) -> None:
+    task, url = await mint(running, "apimart")
+    assert (await running.post_callback(url + "/callback", APIMART_PROGRESS)).status_code == 200
+    answer = await running.post_callback(url + "/callback", {"id": "am-1", "status": "cancelled"})
+    assert answer.status_code == 200 and "ignored" not in answer.json()
+    shown = await show(running, task["id"])
+    assert shown["state"] == "cancelled" and shown["error"]["code"] == "upstream_cancelled"
 
 
 @pytest.mark.anyio

@@ -61,11 +61,14 @@ def signed(body: bytes, *, secret: str = SECRET, timestamp: int = NOW, msg_id: s
         pytest.param("starting", TaskState.RUNNING, id="starting"),
         pytest.param("processing", TaskState.RUNNING, id="processing"),
         pytest.param("canceled", TaskState.CANCELLED, id="canceled"),
+        pytest.param("aborted", TaskState.FAILED, id="aborted"),  # ended before it started
     ],
 )
 def test_statuses(status: str, state: TaskState) -> None:
     report = ReplicateDialect().parse(prediction(status=status))
     assert report.state is state and report.upstream_task_id == PREDICTION["id"] and report.dialect == "replicate"
+    if status == "aborted":
+        assert report.error is not None and report.error["code"] == "upstream_aborted"
 
 
 @pytest.mark.parametrize(
@@ -138,7 +141,7 @@ def test_detection_does_not_claim_other_dialects(payload: dict[str, Any]) -> Non
     assert not ReplicateDialect().detect(payload)
 
 
-@pytest.mark.parametrize("status", ["starting", "processing", "succeeded", "failed", "canceled"])
+@pytest.mark.parametrize("status", ["starting", "processing", "succeeded", "failed", "canceled", "aborted"])
 def test_auto_detects_every_prediction_as_replicate_only(status: str) -> None:
     payload = prediction(status=status)
     assert detect(payload).name == "replicate"

@@ -7,7 +7,8 @@ kie      {"code": 200, "msg", "data": {"taskId", "info": {"resultImageUrl", "ori
 kling    {"task_id", "task_status": "submitted|processing|succeed|failed", "task_status_msg",
          "created_at", "updated_at", "task_result": {"images": [{"index", "url"}]}}, on every change.
 apimart  {"id", "status": "completed|failed", "progress", "result": {"images": [{"url": ["…"],
-         "expires_at"}]}}, posted to `<callback_url>/callback`; no terminal status = progress.
+         "expires_at"}]}}, posted to `<callback_url>/callback`; `cancelled` ends the task cancelled,
+         any other status is progress.
 
 Each `detect` looks for the keys that make its shape its own; `auto` accepts a
 payload only when exactly one dialect claims it.
@@ -130,7 +131,7 @@ class ApimartDialect:
         # Replicate's prediction objects also carry id + status; these keys are theirs alone.
         return (
             "id" in payload
-            and ("progress" in payload or "result" in payload or payload.get("status") in ("completed", "failed"))
+            and ("progress" in payload or "result" in payload or payload.get("status") in ("completed", "failed", "cancelled"))
             and not any(key in payload for key in ("output", "input", "version", "urls"))
         )
 
@@ -144,6 +145,9 @@ class ApimartDialect:
         if status == "failed":
             error = error_object(payload.get("error") or payload.get("fail_reason"), "generation_failed")
             return Report(TaskState.FAILED, upstream, error=error, progress=share, dialect=self.name)
+        if status in ("cancelled", "canceled"):
+            error = {"code": "upstream_cancelled", "message": "The task was cancelled on apimart."}
+            return Report(TaskState.CANCELLED, upstream, error=error, progress=share, dialect=self.name)
         if status != "completed":
             return Report(TaskState.RUNNING, upstream, progress=share, dialect=self.name)
         result = payload.get("result")

@@ -3,7 +3,7 @@
 Submit: `POST {base}/v1/models/{owner}/{name}/predictions` (or `POST {base}/v1/predictions`
 with `version` for a version id) `{input: {prompt, …}, webhook, webhook_events_filter}` ->
 `201 {"id", "status": "starting", …}`. Callbacks carry the prediction object
-`{"id", "status": starting|processing|succeeded|failed|canceled, "output", "error", "metrics", …}`
+`{"id", "status": starting|processing|succeeded|failed|canceled|aborted, "output", "error", "metrics", …}`
 with `webhook-id`, `webhook-timestamp`, `webhook-signature` headers signed under the
 account's `whsec_` secret (`GET /v1/webhooks/default/secret`).
 """
@@ -47,8 +47,9 @@ _STATES = {
     "succeeded": TaskState.SUCCEEDED,
     "failed": TaskState.FAILED,
     "canceled": TaskState.CANCELLED,
+    "aborted": TaskState.FAILED,  # ended before it started (a deadline passed): not the client's doing
 }
-_TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+_TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
 class ReplicateDialect:
@@ -78,7 +79,7 @@ class ReplicateDialect:
             error = {"code": "upstream_cancelled", "message": "The prediction was canceled on Replicate."}
             return Report(state, upstream, error=error, dialect=self.name)
         if state is TaskState.FAILED:
-            error = error_object(payload.get("error"), "upstream_failed")
+            error = error_object(payload.get("error"), "upstream_aborted" if status == "aborted" else "upstream_failed")
             return Report(state, upstream, error=error, dialect=self.name)
         images = _images(payload.get("output"))
         if not images:
