@@ -124,6 +124,9 @@ class KlingDialect:
         return Report(state, upstream, images=tuple(images), dialect=self.name)
 
 
+_APIMART_ENDS = ("completed", "failed", "cancelled", "canceled")
+
+
 class ApimartDialect:
     name = "apimart"
 
@@ -131,7 +134,7 @@ class ApimartDialect:
         # Replicate's prediction objects also carry id + status; these keys are theirs alone.
         return (
             "id" in payload
-            and ("progress" in payload or "result" in payload or payload.get("status") in ("completed", "failed", "cancelled"))
+            and ("progress" in payload or "result" in payload or payload.get("status") in _APIMART_ENDS)
             and not any(key in payload for key in ("output", "input", "version", "urls"))
         )
 
