@@ -63,7 +63,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "array": (list,),
     "object": (dict,),
 }
-_DIMENSIONS = re.compile(r"^([0-9]{1,6})x([0-9]{1,6})$")
+_DIMENSIONS = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")  # no zero, no leading zero
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +294,6 @@ def _check_dimensions(value: str, spec: Mapping[str, Any]) -> str | None:
         return f"must be {' or '.join([*shown, 'WIDTHxHEIGHT'])}, e.g. 1024x1536"
     width, height = int(match.group(1)), int(match.group(2))
     step = spec.get("multiple_of")
-    if width <= 0 or height <= 0:
-        return "width and height must be positive"
     if step and (width % step or height % step):
         return f"width and height must be multiples of {step}"
     if "max_side" in spec and max(width, height) > spec["max_side"]:
