@@ -315,6 +315,7 @@ async def test_listing_with_filters_and_cursor(running: Running, fake_provider) 
     assert [t["id"] for t in page["data"]] == [refused["id"], ids[2]] and page["next_cursor"]
     rest = (await running.api.get("/v1/tasks", params={"limit": 2, "cursor": page["next_cursor"]})).json()
     assert [t["id"] for t in rest["data"]] == [ids[1], ids[0]]
+    assert rest["next_cursor"] is None  # a full last page does not send the client to an empty one
     failed = (await running.api.get("/v1/tasks", params={"state": "failed"})).json()
     assert [t["id"] for t in failed["data"]] == [refused["id"]] and failed["next_cursor"] is None
     assert (await running.api.get("/v1/tasks", params={"provider": "nobody"})).json()["data"] == []

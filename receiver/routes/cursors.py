@@ -5,10 +5,29 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 from receiver.errors import InvalidRequest
 
 _ID = re.compile(r"^[a-z]+_[0-9a-f]{32}$")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Item = TypeVar("Item", bound=_HasId)
+
+
+def page(items: Sequence[Item], limit: int) -> tuple[Sequence[Item], str | None]:
+    """A page of `items`, fetched `limit + 1` at a time, and the cursor to the next page: None
+    when nothing follows (a full last page does not send a client to an empty one)."""
+    if len(items) <= limit:
+        return items, None
+    shown = items[:limit]
+    return shown, encode(shown[-1].id)
 
 
 def encode(last_id: str) -> str:

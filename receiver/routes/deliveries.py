@@ -34,10 +34,9 @@ async def list_deliveries(request: Request) -> Response:
         task_id=params.get("task_id") or None,
         status=DeliveryStatus(status) if status else None,
         before_id=cursors.decode(params.get("cursor")),
-        limit=limit,
+        limit=limit + 1,  # one more: is there a next page?
     )
-    deliveries = await context(request).store.list_deliveries(query)
-    next_cursor = cursors.encode(deliveries[-1].id) if len(deliveries) == limit else None
+    deliveries, next_cursor = cursors.page(await context(request).store.list_deliveries(query), limit)
     return json_response({"data": [d.to_api() for d in deliveries], "next_cursor": next_cursor})
 
 

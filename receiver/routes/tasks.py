@@ -118,10 +118,9 @@ async def list_tasks(request: Request) -> Response:
         state=TaskState(state) if state else None,
         provider=params.get("provider") or None,
         before_id=cursors.decode(params.get("cursor")),
-        limit=limit,
+        limit=limit + 1,  # one more: is there a next page?
     )
-    tasks = await ctx.store.list_tasks(query)
-    next_cursor = cursors.encode(tasks[-1].id) if len(tasks) == limit else None
+    tasks, next_cursor = cursors.page(await ctx.store.list_tasks(query), limit)
     return json_response({"data": [t.to_api() for t in tasks], "next_cursor": next_cursor})
 
 
