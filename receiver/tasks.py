@@ -117,7 +117,8 @@ class Report(Value):
     def result(self) -> JSON | None:
         if self.state is not TaskState.SUCCEEDED:
             return None
-        return {"images": [{"asset_url": None, **image} for image in self.images]}
+        # Every image has the contract's keys, null where the provider has no value.
+        return {"images": [{"revised_prompt": None, "asset_url": None, **image} for image in self.images]}
 
 
 #: The job that keeps a succeeded task's images (receiver.mirror), and `result.mirror`'s values.

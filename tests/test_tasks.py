@@ -65,7 +65,8 @@ def test_no_going_back() -> None:
 def test_success_report_finishes_the_task() -> None:
     t = apply_report(task(), Report(TaskState.SUCCEEDED, "up-1", images=(IMAGE,)), now=NOW)
     assert t.task is not None and t.task.state is TaskState.SUCCEEDED
-    assert t.task.result == {"images": [{"url": IMAGE["url"], "asset_url": None}]}
+    # Every image has the contract's keys, null where the provider gave no value.
+    assert t.task.result == {"images": [{"url": IMAGE["url"], "revised_prompt": None, "asset_url": None}]}
     assert t.events == (EventType.SUCCEEDED,)
     assert t.verdict is Verdict.ACCEPTED
 
@@ -241,7 +242,7 @@ def test_a_success_to_mirror_is_stored_without_its_event_and_with_a_mirror_job()
     held = apply_report(task(), report, now=NOW)
     assert held.task is not None and held.task.state is TaskState.SUCCEEDED and held.task.sequence == 3
     assert held.events == () and held.jobs == (JobSpec(MIRROR, NOW),)
-    assert held.task.result == {"images": [{"asset_url": None, **IMAGE}], "mirror": "pending"}
+    assert held.task.result == {"images": [{"revised_prompt": None, "asset_url": None, **IMAGE}], "mirror": "pending"}
     assert held.task.mirroring
 
 
