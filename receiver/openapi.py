@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from receiver import __version__
-from receiver.providers import CALLBACK_DIALECTS
+from receiver.providers import CALLBACK_DIALECTS, TASK_PROVIDERS
 from receiver.routes.subscriptions import EVENT_FILTERS
 from receiver.types import DeliveryStatus, TaskState
 
@@ -336,7 +336,7 @@ PATHS: JSON = {
             "parameters": [
                 query_param("upstream_task_id", {"type": "string"}, "The provider's task id."),
                 query_param("state", {"type": "string", "enum": [s.value for s in TaskState]}, "Only this state."),
-                query_param("provider", {"type": "string"}, "Only this provider."),
+                query_param("provider", {"type": "string", "enum": list(TASK_PROVIDERS)}, "Only this provider."),
                 query_param("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "Page size (20)."),
                 query_param("cursor", {"type": "string"}, "next_cursor of the previous page."),
             ],

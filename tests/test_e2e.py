@@ -318,7 +318,8 @@ async def test_listing_with_filters_and_cursor(running: Running, fake_provider) 
     assert rest["next_cursor"] is None  # a full last page does not send the client to an empty one
     failed = (await running.api.get("/v1/tasks", params={"state": "failed"})).json()
     assert [t["id"] for t in failed["data"]] == [refused["id"]] and failed["next_cursor"] is None
-    assert (await running.api.get("/v1/tasks", params={"provider": "nobody"})).json()["data"] == []
+    assert (await running.api.get("/v1/tasks", params={"provider": "kling"})).json()["data"] == []
+    assert_error(await running.api.get("/v1/tasks", params={"provider": "nobody"}), 400, "invalid_request")
     assert_error(await running.api.get("/v1/tasks", params={"state": "happy"}), 400, "invalid_request")
     assert_error(await running.api.get("/v1/tasks", params={"cursor": "!!"}), 400, "invalid_request")
     assert_error(await running.api.get("/v1/tasks", params={"limit": 0}), 400, "invalid_request")

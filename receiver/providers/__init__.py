@@ -47,6 +47,8 @@ PROVIDERS: dict[str, ProviderFactory] = {
 
 #: Dialects a task minted by POST /v1/callback-urls may name.
 CALLBACK_DIALECTS = (*DIALECTS, "auto")
+#: Every provider a task may have (what `GET /v1/tasks?provider=` filters on).
+TASK_PROVIDERS = tuple(sorted({*PROVIDERS, *CALLBACK_DIALECTS}))
 
 
 class Providers:

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from receiver.auth import KEY_ID_SCOPE
 from receiver.errors import InvalidParameters, InvalidRequest, NotFound, json_response
 from receiver.ids import new_id
-from receiver.providers import CALLBACK_DIALECTS
+from receiver.providers import CALLBACK_DIALECTS, TASK_PROVIDERS
 from receiver.providers.base import Upload
 from receiver.quotas import quotas
 from receiver.routes import context, cursors, draining, query_float, query_int, read_fields, read_json_object
@@ -112,11 +112,14 @@ async def list_tasks(request: Request) -> Response:
         raise InvalidRequest(
             f"'state' must be one of: {', '.join(s.value for s in TaskState)}.", details={"field": "state"}
         )
+    provider = params.get("provider") or None
+    if provider is not None and provider not in TASK_PROVIDERS:
+        raise InvalidRequest(f"'provider' must be one of: {', '.join(TASK_PROVIDERS)}.", details={"field": "provider"})
     limit = query_int(request, "limit", 20, low=1, high=100)
     query = TaskQuery(
         upstream_task_id=params.get("upstream_task_id") or None,
         state=TaskState(state) if state else None,
-        provider=params.get("provider") or None,
+        provider=provider,
         before_id=cursors.decode(params.get("cursor")),
         limit=limit + 1,  # one more: is there a next page?
     )
