@@ -13,12 +13,25 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from receiver.types import TaskState
+from receiver.types import TaskState, Verdict
+
+#: The outcomes `receiver_callbacks_total` counts: a verdict, or the code of a refusal.
+CALLBACK_OUTCOMES = (
+    *(verdict.value for verdict in Verdict),
+    "invalid_payload",
+    "invalid_signature",
+    "invalid_provider_signature",
+    "task_not_found",
+    "task_mismatch",
+    "callback_expired",
+    "payload_too_large",
+)
+DELIVERY_OUTCOMES = ("succeeded", "retrying", "failed")
 
 #: prometheus_client's own switch: set, every metric keeps its value in a file in that folder.
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -86,6 +99,16 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
         self._job_kinds: set[str] = set()
+        # Every series an alert may watch exists from the start, at 0: `absent()` and `rate()` over
+        # a restart need no special case.
+        for outcome in CALLBACK_OUTCOMES:
+            self.callbacks.labels(outcome)
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(outcome)
+
+    def expect_job_kinds(self, kinds: Iterable[str]) -> None:
+        """Show these job kinds' backlog from the first scrape, at 0 while nothing waits."""
+        self._job_kinds |= set(kinds)
 
     def render(self, counts: dict[str, object]) -> bytes:
         """The exposition text, with the gauges refreshed from `counts` (Store.counts())."""

@@ -57,6 +57,13 @@ async def test_metrics_move_by_the_right_amounts(tmp_path: Path, logs: LogRecord
             await subscribe(running, url, events=["task.succeeded"])
         before = await scrape(running)
         assert ("receiver_outbox_depth", frozenset()) in before
+        # Every series an alert may watch is there from the first scrape, at 0.
+        for outcome in ("accepted", "duplicate", "ignored", "invalid_signature", "task_mismatch"):
+            assert before[("receiver_callbacks_total", frozenset({("outcome", outcome)}))] == 0, outcome
+        for outcome in ("succeeded", "retrying", "failed"):
+            assert before[("receiver_deliveries_total", frozenset({("outcome", outcome)}))] == 0, outcome
+        for kind in ("poll", "mirror", "router"):
+            assert before[("receiver_poll_backlog", frozenset({("kind", kind)}))] == 0, kind
         minted = (await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi"})).json()
         task_id, url = minted["task"]["id"], minted["callback_url"]
         success = {"success": True, "task_id": "up-1", "data": {"data": [{"url": "https://cdn.example/a.png"}]}}
