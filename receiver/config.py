@@ -271,21 +271,30 @@ def whsec_secrets(value: str) -> list[str]:
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    number = _number(float, value, "a positive number")
     if not 0 < number < math.inf:  # also refuses nan and inf: deadlines built on them cannot be shown or stored
         raise ValueError(f"expected a positive number, got {value!r}")
     return number
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _number(int, value, "a positive integer")
     if number <= 0:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return number
 
 
+def _number(kind: Callable[[str], T], value: str, expected: str) -> T:
+    """`value` read as `kind`, with a message that says what was expected (not Python's own)."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+
+
 def _schedule(value: str) -> tuple[float, ...]:
-    delays = tuple(float(part) for part in value.split(",") if part.strip())
+    expected = "comma-separated non-negative seconds, e.g. 0,5,300"
+    delays = tuple(_number(float, part.strip(), expected) for part in value.split(",") if part.strip())
     if not delays or any(not 0 <= d < math.inf for d in delays):
         raise ValueError("expected comma-separated non-negative seconds, e.g. 0,5,300")
     return delays

@@ -103,6 +103,20 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
         Settings.from_env({name: value})
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("RECEIVER_RETRY_SCHEDULE", "0,a", "expected comma-separated non-negative seconds, e.g. 0,5,300, got 'a'"),
+        ("RECEIVER_MAX_BODY_BYTES", "abc", "expected a positive integer, got 'abc'"),
+        ("RECEIVER_TASK_TIMEOUT", "soon", "expected a positive number, got 'soon'"),
+    ],
+)
+def test_bad_values_say_what_was_expected_not_pythons_words(name: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    assert str(caught.value) == f"{name}: {expected}"
+
+
 def test_sqlite_paths() -> None:
     assert sqlite_path("sqlite:///./data/x.db") == Path("./data/x.db")
     assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
