@@ -8,6 +8,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -258,6 +259,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ensure_secrets(settings)
     if args.forwarded_allow_ips is not None:
         settings = settings.replace(forwarded_allow_ips=args.forwarded_allow_ips)
+    try:  # before anything starts: a port already taken is one line, not a failed startup
+        listening = _listen(args.host, args.port)
+    except OSError as exc:
+        print(f"receiver: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; finishing that way is a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     common: dict[str, Any] = {
@@ -268,6 +274,7 @@ def run_serve(args: argparse.Namespace) -> int:
     }
     _announce_serving(args, settings)
     if args.workers > 1:
+        listening.close()  # uvicorn's supervisor binds it again, for its worker processes
         if settings.database_url.startswith("sqlite:"):
             get_logger("receiver.cli").warning(
                 "serve.workers_on_sqlite",
@@ -293,8 +300,21 @@ def run_serve(args: argparse.Namespace) -> int:
     # uvicorn_config takes the limits and shutdown deadline from the app's settings (receiver.protocol).
     app = create_app(settings)
     app.state.settles_collector = True  # a serving process (receiver.collector); tests and the demo are not
-    Server(uvicorn_config(app, **common)).run()
+    Server(uvicorn_config(app, **common)).run(sockets=[listening])
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` as uvicorn binds one (OSError if it cannot be)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def _announce_serving(args: argparse.Namespace, settings: Settings) -> None:

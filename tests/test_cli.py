@@ -255,3 +255,18 @@ def test_a_server_that_is_not_the_receiver_is_named_not_a_traceback(content_type
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serve_on_a_port_already_taken_says_so_before_starting(tmp_path: Path, monkeypatch, capsys) -> None:
+    import socket
+
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)  # leave this process's logging be
+    monkeypatch.setenv("RECEIVER_DATABASE_URL", f"sqlite:///{tmp_path}/receiver.db")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
+    assert not (tmp_path / "receiver.db").exists()  # nothing was migrated
