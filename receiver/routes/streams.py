@@ -8,7 +8,8 @@ would rather hold a connection than host an endpoint; and everything, for the da
     data: {"id": "tsk_…", "state": "submitted", "sequence": 2, …}
 
 The task as it is now, then one event per change (`id` is the task's
-`sequence`, `event` is `task.<state>`, `data` the task), and the stream ends
+`sequence`, `event` is `task.<state>`, `data` the task; a client reconnecting
+with `Last-Event-ID` gets only what is newer, and `204` once it has the last), and the stream ends
 after a terminal state — once a succeeded task's images are kept (receiver.mirror):
 while they are downloaded it shows `result.mirror: "pending"`, and the task is sent
 once more (same `id`) with its asset URLs before the stream ends.
@@ -65,21 +66,46 @@ def frame(task: Task) -> bytes:
 async def task_events(request: Request) -> Response:
     ctx = context(request)
     task_id = request.path_params["task_id"]
-    if await ctx.store.get_task(task_id) is None:
+    task = await ctx.store.get_task(task_id)
+    if task is None:
         raise NotFound(f"No task {task_id}.", code="task_not_found", details={"task_id": task_id})
+    seen = last_event_id(request)
+    if seen is not None and seen >= task.sequence and _settled(task):
+        # A client reconnecting after the last event (EventSource does, after every close): 204
+        # is the answer that tells it to stop, and takes none of the key's stream slots.
+        return Response(status_code=204)
     release = quotas(request).streams.take(request.scope.get(KEY_ID_SCOPE, ""))
-    return _Counted(stream(ctx, task_id, draining(request)), release)
+    return _Counted(stream(ctx, task_id, draining(request), seen=seen), release)
 
 
-async def stream(ctx: Context, task_id: str, draining: asyncio.Event) -> AsyncIterator[bytes]:
-    """The frames of one task's stream (see the module docstring)."""
+def last_event_id(request: Request) -> int | None:
+    """The `Last-Event-ID` a reconnecting client sends: the `sequence` it saw last (None: none, or
+    not one of ours)."""
+    value = request.headers.get("last-event-id", "").strip()
+    return int(value) if value.isdigit() and len(value) <= 18 else None
+
+
+def _settled(task: Task) -> bool:
+    return task.terminal and not task.mirroring
+
+
+async def stream(
+    ctx: Context, task_id: str, draining: asyncio.Event, *, seen: int | None = None
+) -> AsyncIterator[bytes]:
+    """The frames of one task's stream (see the module docstring); after `seen` (a reconnecting
+    client's Last-Event-ID), the task as it is now is sent only if it is newer."""
     with ctx.store.feed.listen(task_id) as changes:
         # Read after listening, so a change committed in between is not missed.
         task = await ctx.store.get_task(task_id)
         if task is None:
             return
-        yield b"retry: %d\n" % RECONNECT_MS + frame(task)
-        while not task.terminal or task.mirroring:
+        if seen is not None and seen >= task.sequence:
+            yield b"retry: %d\n\n" % RECONNECT_MS  # the client has this one: only what follows
+            if _settled(task):
+                return
+        else:
+            yield b"retry: %d\n" % RECONNECT_MS + frame(task)
+        while not _settled(task):
             change = await _next_change(changes, draining)
             if draining.is_set():
                 yield b": the receiver is shutting down\n\n"

@@ -70,6 +70,34 @@ async def test_a_finished_task_is_one_event(running: Running) -> None:
     assert [f["event"] for f in events] == ["task.succeeded"]
 
 
+async def test_a_reconnecting_client_gets_only_what_is_newer(running: Running) -> None:
+    """EventSource reconnects after every close, with the last id it saw (the task's sequence)."""
+    task, callback_url = await new_task(running)
+    path = f"/v1/tasks/{task['id']}/events"
+
+    async def events(last: str | None) -> list[dict[str, Any]]:
+        headers = {"last-event-id": last} if last is not None else {}
+        async with running.api.stream("GET", path, headers=headers) as response:
+            assert response.status_code == 200
+            got = []
+            async for frame in frames(response):
+                if "event" in frame:
+                    got.append(frame)
+                    if frame["event"] == "task.running":
+                        await succeed(running, callback_url)
+                elif frame.get("retry") and not got:
+                    await set_running(running, task["id"])  # a change after the client reconnected
+            return got
+
+    # It saw 1 (submitted): the stream skips it and sends what follows, to the end.
+    assert [(f["id"], f["event"]) for f in await events("1")] == [("2", "task.running"), ("3", "task.succeeded")]
+    # It has the last one: 204, which tells an EventSource to stop, and no stream slot is taken.
+    async with running.api.stream("GET", path, headers={"last-event-id": "3"}) as response:
+        assert response.status_code == 204
+    # An id that is not ours is no resume point: the task as it is.
+    assert [f["event"] for f in await events("garbage")] == ["task.succeeded"]
+
+
 async def test_heartbeats_and_a_client_that_leaves(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(streams, "HEARTBEAT", 0.05)
     task, _ = await new_task(running)
