@@ -170,10 +170,12 @@ def job_row(task_id: str, spec: JobSpec, now: float) -> dict[str, Any]:
     }
 
 
-def logs_callback(logged: int, max_callbacks: int | None) -> bool:
+def logs_callback(logged: int, max_callbacks: int | None, *, moved: bool) -> bool:
     """Whether one more callback goes in a log that holds `logged` (the per-task cap). A callback
-    past the cap is still decided and answered as the contract says; only its row is not kept."""
-    return max_callbacks is None or logged < max_callbacks
+    past the cap is still decided and answered as the contract says; only its row is not kept —
+    unless it `moved` the task to another state (a handful per task at most): the result is
+    always in the log, however many callbacks came before it, and a repeat of it is a duplicate."""
+    return max_callbacks is None or logged < max_callbacks or moved
 
 
 def callback_row(callback: IncomingCallback, applied: Applied, report: Report) -> dict[str, Any]:

@@ -529,7 +529,7 @@ class PostgresStore:
             transition = apply_report(task, report, now=moment, duplicate=duplicate)
             writes = _Writes()  # the task's update, its jobs' removal, the log entry, the notification: one trip
             applied = await _apply(conn, task, transition, moment, lease_for(self.feed, moment), writes)
-            if logs_callback(logged, max_callbacks):
+            if logs_callback(logged, max_callbacks, moved=applied.task.sequence > task.sequence):
                 writes.add(_INSERT_CALLBACK, *_values(callback_row(callback, applied, report), CALLBACK_COLUMNS))
             else:
                 applied = applied.replace(logged=False)

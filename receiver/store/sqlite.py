@@ -629,7 +629,7 @@ def _record_callback(
         (callback.body_sha256, callback.task_id),
     ).fetchone()
     applied = _apply(conn, task, apply_report(task, report, now=now, duplicate=bool(seen)), now, lease)
-    if not logs_callback(logged, max_callbacks):
+    if not logs_callback(logged, max_callbacks, moved=applied.task.sequence > task.sequence):
         return applied.replace(logged=False)
     conn.execute(_INSERT_CALLBACK, callback_row(callback, applied, report))
     return applied
