@@ -81,12 +81,17 @@ class AccessLog:
             if not await _cut_off(scope, send_wrapper):
                 raise
         finally:
+            client = scope.get("client")
             log.info(
                 "http.request",
                 method=scope["method"],
                 path=redact_path(scope["path"]),
                 status=status,
                 ms=round((time.perf_counter() - started) * 1000, 2),
+                # After uvicorn's proxy headers (RECEIVER_FORWARDED_ALLOW_IPS): behind a tunnel, the
+                # provider's address and https rather than the tunnel's 127.0.0.1 and http.
+                client=client[0] if client else None,
+                scheme=scope.get("scheme"),
             )
 
 

@@ -86,7 +86,7 @@ class Client:
         except ValueError:
             body = response.text
         if response.status_code >= 400:
-            raise refused(response.status_code, body)
+            raise refused(response.status_code, body, self._http.base_url)
         if not isinstance(body, dict) or any(key not in body for key in expect):
             kind = response.headers.get("content-type", "no content type")
             raise ClientError(
@@ -132,11 +132,14 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def refused(status: int, body: Any) -> ClientError:
-    """The ClientError for an error answer (its message from the contract's error shape)."""
-    message = f"HTTP {status}"
+def refused(status: int, body: Any, base_url: object = None) -> ClientError:
+    """The ClientError for an error answer: its message from the contract's error shape, or, for an
+    answer in another shape, that what answered may not be the receiver."""
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         message = f"{body['error'].get('code')}: {body['error'].get('message')}"
+    else:
+        where = f" from {base_url}" if base_url else ""
+        message = f"HTTP {status}{where}, not in the receiver's error shape: is RECEIVER_URL the receiver?"
     return ClientError(message, status=status, body=body)
 
 
@@ -168,7 +171,7 @@ async def follow(
                             body = response.json()
                         except ValueError:
                             body = response.text
-                        raise refused(response.status_code, body)
+                        raise refused(response.status_code, body, base_url)
                     lost_at = None
                     async for line in response.aiter_lines():
                         if line.startswith("data: "):

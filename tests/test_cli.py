@@ -219,12 +219,15 @@ async def test_following_a_task_gives_up_on_a_receiver_that_is_gone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("content_type", "body"),
-    [pytest.param("text/html", b"<html>a tunnel's warning page</html>", id="html"),
-     pytest.param("application/json", b'{"ok": true}', id="json-of-another-shape"),
-     pytest.param("application/json", b"[1, 2]", id="json-not-an-object")],
+    ("status", "content_type", "body"),
+    [pytest.param(200, "text/html", b"<html>a tunnel's warning page</html>", id="html"),
+     pytest.param(200, "application/json", b'{"ok": true}', id="json-of-another-shape"),
+     pytest.param(200, "application/json", b"[1, 2]", id="json-not-an-object"),
+     pytest.param(404, "text/plain", b"Not Found", id="another-servers-404"),
+     pytest.param(502, "application/json", b'{"detail": "bad gateway"}', id="a-proxys-502")],
 )
-def test_a_server_that_is_not_the_receiver_is_named_not_a_traceback(content_type: str, body: bytes, capsys) -> None:
+def test_a_server_that_is_not_the_receiver_is_named_not_a_traceback(status: int, content_type: str, body: bytes,
+                                                                    capsys) -> None:
     """RECEIVER_URL at a wrong port, a tunnel's interstitial or a proxy answers 200 with something else."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -232,7 +235,7 @@ def test_a_server_that_is_not_the_receiver_is_named_not_a_traceback(content_type
     class Impostor(BaseHTTPRequestHandler):
         def answer(self) -> None:
             self.rfile.read(int(self.headers.get("content-length") or 0))
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("content-type", content_type)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -251,7 +254,8 @@ def test_a_server_that_is_not_the_receiver_is_named_not_a_traceback(content_type
                      ["submit", "--provider", "xhuoapi", "--model", "gpt-image-2", "--prompt", "p"]):
             assert cli.main([argv[0], *client, *argv[1:]]) == 1, argv
             err = capsys.readouterr().err
-            assert "is not the receiver" in err and "Traceback" not in err, (argv, err)
+            assert ("is not the receiver" in err or "is RECEIVER_URL the receiver?" in err), (argv, err)
+            assert "Traceback" not in err and err.count("\n") == 1, (argv, err)
     finally:
         server.shutdown()
         server.server_close()

@@ -205,8 +205,13 @@ async def test_serve_trusts_proxy_headers_from_the_allowed_addresses_and_doctor_
             assert broken.returncode == 1 and "FAIL" in broken.stdout and "fix: use an https address" in broken.stdout
         finally:
             assert await server.stop() == 0
-    started = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"listening"')]
+    lines = log.read_text().splitlines()
+    started = [json.loads(line) for line in lines if line.startswith('{"listening"')]
     assert started[0]["dashboard"] == f"http://127.0.0.1:{port}/ui" and started[1]["forwarded_allow_ips"] == "10.9.9.9"
+    # The access log shows who called, as the proxy headers say when they are trusted.
+    requests = [json.loads(line) for line in lines if '"http.request"' in line and "/callbacks/" in line]
+    seen = [(r["client"], r["scheme"]) for r in requests]  # the proxied post, doctor's self-tests, the proxied post
+    assert seen[0] == ("203.0.113.9", "https") and seen[-1] == ("127.0.0.1", "http"), seen
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
