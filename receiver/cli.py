@@ -262,8 +262,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:  # before anything starts: a port already taken is one line, not a failed startup
         listening = _listen(args.host, args.port)
     except OSError as exc:
-        print(f"receiver: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _cannot_listen(args, exc)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; finishing that way is a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     common: dict[str, Any] = {
@@ -302,6 +301,11 @@ def run_serve(args: argparse.Namespace) -> int:
     app.state.settles_collector = True  # a serving process (receiver.collector); tests and the demo are not
     Server(uvicorn_config(app, **common)).run(sockets=[listening])
     return 0
+
+
+def _cannot_listen(args: argparse.Namespace, exc: OSError) -> int:
+    print(f"receiver: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+    return 1
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -394,6 +398,10 @@ def run_fake_provider(args: argparse.Namespace) -> int:
     from receiver.server import uvicorn_config
 
     configure_logging("info")
+    try:  # before printing settings that point at it: a port already taken is one line
+        listening = _listen(args.host, args.port)
+    except OSError as exc:
+        return _cannot_listen(args, exc)
     fake = FakeProvider(
         delay=args.delay,
         fail_rate=args.fail_rate,
@@ -422,7 +430,7 @@ def run_fake_provider(args: argparse.Namespace) -> int:
         ' {"callback_url": "<receiver callback-url --provider <dialect>>"}',
         file=sys.stderr,
     )
-    uvicorn.Server(uvicorn_config(fake.app, host=args.host, port=args.port)).run()
+    uvicorn.Server(uvicorn_config(fake.app, host=args.host, port=args.port)).run(sockets=[listening])
     return 0
 
 

@@ -271,6 +271,10 @@ def test_serve_on_a_port_already_taken_says_so_before_starting(tmp_path: Path, m
         taken.listen()
         port = taken.getsockname()[1]
         assert cli.main(["serve", "--port", str(port)]) == 1
-    err = capsys.readouterr().err
-    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
-    assert not (tmp_path / "receiver.db").exists()  # nothing was migrated
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err
+        assert not (tmp_path / "receiver.db").exists()  # nothing was migrated
+        # The fake provider too, before it prints a secret no fake on that port signs with.
+        assert cli.main(["fake-provider", "--port", str(port)]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "whsec_" not in err
