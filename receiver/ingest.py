@@ -45,6 +45,9 @@ from receiver.types import JSON, TaskState
 
 log = get_logger("receiver.callbacks")
 
+#: The most images one result may carry (providers make 1 to 10 per task): each is downloaded and
+#: kept, so a callback URL cannot be made to fetch and store thousands.
+MAX_IMAGES = 16
 #: Marks a callback-log entry the receiver fetched itself: "poll" or "sync-response".
 SOURCE_HEADER = "x-receiver-source"
 _CREDENTIAL = re.compile("|".join(map(re.escape, CREDENTIAL_WORDS)))
@@ -128,6 +131,11 @@ async def record(
     task's callback log: past it a callback is still applied and answered, but not kept (callbacks
     from outside only: what the receiver fetched itself is always kept).
     """
+    if len(report.images) > MAX_IMAGES:  # each may be downloaded and kept: a bound on what one result costs
+        raise InvalidPayload(
+            f"A result has at most {MAX_IMAGES} images; this one has {len(report.images)}.",
+            details={"limit": MAX_IMAGES},
+        )
     if report.has_inline_images:
         report = await keep_inline_images(ctx, task_id, report)
     if report.state is TaskState.SUCCEEDED:

@@ -58,6 +58,9 @@ RETRY_DELAYS = (2.0, 10.0, 30.0)
 MAX_REDIRECTS = 3
 #: Downloads at once per process: each holds up to RECEIVER_MIRROR_MAX_BYTES in memory.
 CONCURRENT_DOWNLOADS = 4
+#: Of those, at most so many for one task: a task of slow images cannot hold back every other
+#: task's `task.succeeded` (which waits for its images).
+DOWNLOADS_PER_TASK = 2
 #: Status codes worth trying again later.
 _PASSING = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -183,7 +186,13 @@ class Mirror:
         kept: dict[str, str] = dict(job.payload.get("kept", {}))
         refused: dict[str, JSON] = dict(job.payload.get("refused", {}))
         todo = [i for i, image in enumerate(images) if wants_mirroring(image) and str(i) not in kept | refused]
-        answers = await asyncio.gather(*(self._keep(ctx.assets, images[i]["url"]) for i in todo))
+        turns = asyncio.Semaphore(DOWNLOADS_PER_TASK)
+
+        async def keep(url: str) -> str | AssetUnavailable:
+            async with turns:
+                return await self._keep(ctx.assets, url)
+
+        answers = await asyncio.gather(*(keep(images[i]["url"]) for i in todo))
         passing = 0
         for i, answer in zip(todo, answers, strict=True):
             if not isinstance(answer, AssetUnavailable):

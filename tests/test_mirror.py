@@ -280,3 +280,37 @@ async def test_redirects_are_followed_a_few_hops_and_never_off_http(
     assert three["asset_url"] and "asset_error" not in three, three
     assert four["asset_error"]["code"] == "download_failed" and "redirects" in four["asset_error"]["message"]
     assert elsewhere["asset_error"]["code"] == "url_not_allowed"
+
+
+async def test_one_result_is_bounded_in_images_and_in_downloads_at_once(
+    tmp_path: Path, fake_provider: tuple[FakeProvider, str]
+) -> None:
+    """A callback URL cannot make the receiver fetch and keep thousands of images, nor take every
+    download slot (the success of every other task waits for its own images)."""
+    from receiver.ingest import MAX_IMAGES
+    from receiver.mirror import DOWNLOADS_PER_TASK
+
+    in_flight = peak = 0
+
+    async def image(request: Any) -> Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            return Response(PNG + request.path_params["n"].encode(), media_type="image/png")
+        finally:
+            in_flight -= 1
+
+    cdn = Starlette(routes=[Route("/{n}.png", image)])
+    async with serve_in_background(cdn) as cdn_url, mirroring(tmp_path, fake_provider) as running:
+        too_many = [f"{cdn_url}/{i}.png" for i in range(MAX_IMAGES + 1)]
+        minted = (await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi"})).json()
+        body = {"success": True, "task_id": "up-many", "data": {"data": [{"url": url} for url in too_many]}}
+        refused = await running.post_callback(minted["callback_url"], body)
+        assert refused.status_code == 400 and refused.json()["error"]["details"] == {"limit": MAX_IMAGES}
+
+        task_id = await post_images(running, fake_provider[1], *too_many[:MAX_IMAGES])
+        done = await settled(running, task_id)
+    assert done["result"]["mirror"] == "done" and all(i["asset_url"] for i in done["result"]["images"])
+    assert peak == DOWNLOADS_PER_TASK
