@@ -12,6 +12,7 @@ one purpose never verifies for another.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hashlib
 import hmac
@@ -87,6 +88,10 @@ class TokenSigner:
             if not encoded or not stamp or not signed.isascii():
                 raise BadSignature("not a token")
             expected = _b64(signature)
+            # 32 bytes take 43 characters whose last carries 2 unused bits: 4 spellings would decode
+            # alike. Only the one itsdangerous writes is taken (the rest is under the signature).
+            if base64.urlsafe_b64encode(expected).rstrip(b"=") != signature.encode("ascii"):
+                raise BadSignature("not the signature's one spelling")
             message = signed.encode("ascii")
             if not any(hmac.compare_digest(hmac.digest(key, message, "sha256"), expected) for key in self._derived):
                 raise BadSignature("signature does not match")

@@ -35,6 +35,21 @@ def test_tampered_tokens_are_refused(tamper) -> None:
         signer.verify(tamper(token))
 
 
+def test_a_token_has_one_spelling() -> None:
+    """The signature's last character carries 2 unused bits: its 3 other spellings are refused."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    signer = CallbackSigner(["k1"])
+    token = signer.mint("tsk_abc", max_age=60)
+    last = alphabet.index(token[-1])
+    spellings = [token[:-1] + alphabet[(last & ~3) | bits] for bits in range(4)]
+    assert token in spellings
+    for other in spellings:
+        if other != token:
+            with pytest.raises(InvalidSignature):
+                signer.verify(other)
+    assert signer.verify(token) == "tsk_abc"
+
+
 def test_expiry_follows_the_injected_clock() -> None:
     clock = FakeClock(1_800_000_000)
     signer = CallbackSigner(["k1"], clock=clock)
