@@ -340,8 +340,17 @@ def _signatures(report: Report, settings: Settings) -> None:
             "not checked (RECEIVER_FAL_JWKS_URL=off): fal callbacks are accepted on their URL token alone",
             "unset RECEIVER_FAL_JWKS_URL (fal's published keys are the default)",
         )
+    elif not settings.fal_user_ids:
+        report.add(
+            "fal signatures",
+            WARN,
+            f"checked against {settings.fal_jwks_url}, but fal's keys sign every fal account's webhooks: "
+            "anyone with a leaked callback URL and a fal account of their own can post a signed result",
+            "set RECEIVER_FAL_USER_IDS to your fal account id (the x-fal-webhook-user-id of a stored callback)",
+        )
     else:
-        report.add("fal signatures", OK, f"checked against {settings.fal_jwks_url}")
+        accounts = ", ".join(settings.fal_user_ids)
+        report.add("fal signatures", OK, f"checked against {settings.fal_jwks_url}, for fal accounts {accounts}")
 
 
 async def _assets(report: Report, settings: Settings) -> None:

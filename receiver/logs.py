@@ -25,14 +25,18 @@ _SECRET_FIELD = re.compile(r"(secret|token|key|password|authorization|signature)
 # proxy or provider that mangles the URL gets a 404 whose log line must not hold the token).
 _SIGNED_PATH = re.compile(r"(callbacks|assets)[/;]+[^/?][^/?\"' \n]*", re.IGNORECASE)
 _SIGNED_QUERY = re.compile(r"([?&](?:sig|signature|token|fal_webhook)=)[^&\s\"']+", re.IGNORECASE)
+# And a token wherever it stands, by its shape (`<payload>.<time>.<43-character signature>`, URL-safe
+# base64): under a misspelt prefix (`/callback/…`, `/callbacks./…`, `/callbacks\…`) or none at all.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{4,16}\.[A-Za-z0-9_-]{40,}")
 
 
 def redact_path(text: str) -> str:
     """Strip callback and asset tokens and signatures from a path or URL."""
     folded = text.lower()
-    if "callbacks" not in folded and "assets" not in folded and "=" not in text:
+    if "callbacks" not in folded and "assets" not in folded and "=" not in text and "." not in text:
         return text
     text = _SIGNED_PATH.sub(r"\1/[redacted]", text)
+    text = _TOKEN.sub("[redacted]", text)
     return _SIGNED_QUERY.sub(r"\1[redacted]", text)
 
 

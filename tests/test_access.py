@@ -295,3 +295,19 @@ def test_tokens_are_redacted_whatever_they_start_with(path: str) -> None:
     from receiver.logs import redact_path
 
     assert "secret" not in redact_path(path)
+
+
+def test_a_real_token_is_redacted_under_any_misspelt_prefix_or_none() -> None:
+    """A mistyped callback URL is a 404 whose access line holds the path: the token must not be in it."""
+    from receiver.logs import redact_path
+    from receiver.signing import AssetSigner, CallbackSigner
+
+    token = CallbackSigner(["k"]).mint("tsk_0193a7c2e4f07b3c9d2e1f0a4b5c6d7e", max_age=604800, scope="kling")
+    asset = AssetSigner(["k"]).mint("f" * 64 + ".png", max_age=86400)
+    for template in ("/callback/{}", "/callbacks\\{}", "/callbacks\t/{}", "/callbacks./{}", "/callbacks{}",
+                     "/callbacks?{}", "/callbacks/x/{}", "/{}", "/v1/{}", "/ui/{}/x", "/asset/{}"):
+        for secret in (token, asset):
+            path = template.format(secret)
+            redacted = redact_path(path)
+            assert secret.rsplit(".", 1)[1] not in redacted and secret not in redacted, (path, redacted)
+    assert redact_path("/ui/app.js") == "/ui/app.js" and redact_path("/v1/tasks/tsk_1") == "/v1/tasks/tsk_1"

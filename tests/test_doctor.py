@@ -36,6 +36,7 @@ def environment(running: Running, **changes: str | None) -> dict[str, str]:
         "RECEIVER_MIRROR_ASSETS": "1" if settings.mirror_assets else "0",
         "RECEIVER_ALLOW_PRIVATE_URLS": "1" if settings.allow_private_urls else "0",
         "RECEIVER_REPLICATE_WEBHOOK_SECRET": NOTIFY_SECRET,
+        "RECEIVER_FAL_USER_IDS": "fal-user-1",
         **{f"RECEIVER_{name}_URL": "http://127.0.0.1:9" for name in PROVIDERS},  # a local fake: no key needed
     }
     for name, value in changes.items():
@@ -79,6 +80,13 @@ async def test_a_good_setup_passes(running: Running) -> None:
     assert shown["ok"] is True and shown["problems"] == 0 and shown["warnings"] == 1
     assert {"name", "status", "message", "fix"} <= set(shown["checks"][0])
     assert "No problems" in report.text()
+
+
+async def test_fal_without_its_account_ids_is_a_warning(running: Running) -> None:
+    """fal's keys sign every fal account's webhooks: a leaked URL and an account of one's own would do."""
+    report = await diagnose(environment(running, RECEIVER_FAL_USER_IDS=None), url=running.url, self_test=False)
+    status, message, fix = check(report, "fal signatures")
+    assert status == WARN and "every fal account" in message and fix and "RECEIVER_FAL_USER_IDS" in fix
 
 
 def _all() -> Any:

@@ -74,7 +74,8 @@ async def test_the_callback_log_keeps_every_header_but_credentials(running: Runn
     minted = (await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi"})).json()
     sent = [("X-Webhook-Signature", "v1=abc"), ("X-Webhook-Timestamp", "123"), ("Traceparent", "00-abc-def-01"),
             ("X-Custom", "one"), ("X-Custom", "two"), ("Authorization", "Bearer provider-key"),
-            ("Cookie", "session=s"), ("X-Gitlab-Token", "t"), ("X-Webhook-Secret", "s"),
+            ("Cookie", "session=s"), ("X-Gitlab-Token", "t"), ("X-Webhook-Secret", "s"), ("X-My-Auth", "a"),
+            ("X-Signature-Key", "k"), ("X-Access-Key", "k"),
             ("X-Receiver-Source", "poll"), ("Content-Type", "application/json")]
     async with httpx.AsyncClient() as raw:
         answer = await raw.post(minted["callback_url"], content=orjson.dumps(success("up-h")), headers=sent)
@@ -85,7 +86,8 @@ async def test_the_callback_log_keeps_every_header_but_credentials(running: Runn
     assert headers["traceparent"] == "00-abc-def-01" and headers["x-custom"] == "one, two"
     assert headers["content-type"] == "application/json" and "host" in headers
     # Credentials never; nor the mark of what the receiver fetched itself, which a caller could forge.
-    assert not {"authorization", "cookie", "x-gitlab-token", "x-webhook-secret", "x-receiver-source"} & set(headers)
+    assert not {"authorization", "cookie", "x-gitlab-token", "x-webhook-secret", "x-receiver-source", "x-my-auth",
+                "x-signature-key", "x-access-key"} & set(headers)
 
 
 async def test_a_failure_callback_fails_the_task(running: Running) -> None:
