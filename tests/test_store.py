@@ -525,6 +525,28 @@ async def test_a_retried_delivery_first_in_line_is_leased_and_handed_over_to_go_
         store.feed.stop_taking_offers()
 
 
+async def test_retries_racing_each_other_send_the_delivery_once(store: Store) -> None:
+    """Two retries of one failed delivery (a double click; two instances): the first makes it pending
+    and hands it to be sent; the second changes nothing, so one attempt goes out, not two at once."""
+    await store.create_subscription(subscription())
+    await submitted(store)
+    [job] = await store.claim_deliveries(now=time.time() + 1, limit=10, owner="w", lease_seconds=30)
+    failed = AttemptOutcome(Attempt(time.time(), 500, 1.0, error="HTTP 500"), DeliveryStatus.FAILED)
+    await store.finish_attempt(job.delivery.id, "w", failed)
+    resent: list = []
+    store.feed.take_offers("me", 30.0, resent.extend, resent.append)
+    try:
+        first, second = await asyncio.gather(
+            store.retry_delivery(job.delivery.id, now=time.time()),
+            store.retry_delivery(job.delivery.id, now=time.time()),
+        )
+    finally:
+        store.feed.stop_taking_offers()
+    assert [r is not None for r in (first, second)].count(True) == 1
+    assert len(resent) == 1
+    assert await store.claim_deliveries(now=time.time() + 1, limit=10, owner="other", lease_seconds=30) == []
+
+
 async def test_a_delivery_whose_subscription_was_deleted_is_not_retried(store: Store) -> None:
     """The retry route checks the subscription first; one deleted between that read and the retry
     must neither make the delivery pending (it could never go) nor hand it to a dispatcher."""

@@ -49,21 +49,30 @@ async def retry_delivery(request: Request) -> Response:
     ctx = context(request)
     delivery = await _delivery_or_404(request)
     if delivery.status is DeliveryStatus.PENDING:
-        raise Conflict(
-            f"Delivery {delivery.id} is still pending; its next attempt is already scheduled.",
-            code="delivery_pending",
-            details={"delivery_id": delivery.id, "next_attempt_at": delivery.to_api()["next_attempt_at"]},
-        )
+        raise _still_pending(delivery)
     subscription = await ctx.store.get_subscription(delivery.subscription_id)
     if subscription is None:
         raise _subscription_gone(delivery)
     enabled_or_409(subscription)
     retried = await ctx.store.retry_delivery(delivery.id, now=ctx.clock())
-    if retried is None and await ctx.store.get_subscription(delivery.subscription_id) is None:
-        raise _subscription_gone(delivery)  # deleted since it was read above
-    if retried is None:
+    if retried is not None:
+        return json_response(retried.to_api(), 202)
+    # Something changed since it was read above: deleted, its subscription deleted, or made pending
+    # by a retry racing this one (on this instance or another), which sends it, once.
+    now = await ctx.store.get_delivery(delivery.id)
+    if now is None:
         raise NotFound(f"No delivery {delivery.id}.", code="delivery_not_found", details={"delivery_id": delivery.id})
-    return json_response(retried.to_api(), 202)
+    if now.status is DeliveryStatus.PENDING:
+        raise _still_pending(now)
+    raise _subscription_gone(delivery)
+
+
+def _still_pending(delivery: Delivery) -> Conflict:
+    return Conflict(
+        f"Delivery {delivery.id} is still pending; its next attempt is already scheduled.",
+        code="delivery_pending",
+        details={"delivery_id": delivery.id, "next_attempt_at": delivery.to_api()["next_attempt_at"]},
+    )
 
 
 def _subscription_gone(delivery: Delivery) -> Conflict:

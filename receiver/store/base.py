@@ -440,10 +440,11 @@ class Store(Protocol):
     async def list_deliveries(self, query: DeliveryQuery) -> list[Delivery]: ...
 
     async def retry_delivery(self, delivery_id: str, *, now: float) -> Delivery | None:
-        """Make a delivery pending again, due now (None: no such delivery, or its subscription was
-        deleted: it could never go out). While a local dispatcher takes offers and the
-        delivery is first in line, it is leased to it at once and handed over to be sent now
-        (`ChangeFeed.resend`), even to a paused endpoint."""
+        """Make a delivery that ended pending again, due now (None: no such delivery, its
+        subscription was deleted — it could never go out —, or it is pending already: a retry
+        racing another changes nothing, so an attempt is never sent twice at once). While a local
+        dispatcher takes offers and the delivery is first in line, it is leased to it at once and
+        handed over to be sent now (`ChangeFeed.resend`), even to a paused endpoint."""
 
     async def recover_deliveries(self, subscription_id: str, *, since: float, now: float) -> int:
         """Make every failed delivery of a subscription since `since` pending again."""

@@ -757,7 +757,7 @@ class PostgresStore:
         async with self._transaction() as conn:
             found = await conn.fetchrow(
                 "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, lease_owner = NULL,"
-                " lease_until = NULL, updated_at = $1 WHERE id = $2"
+                " lease_until = NULL, updated_at = $1 WHERE id = $2 AND status <> 'pending'"
                 " AND subscription_id IN (SELECT id FROM subscriptions) RETURNING task_id",
                 now,
                 delivery_id,

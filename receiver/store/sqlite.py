@@ -853,11 +853,13 @@ def _retry_delivery(
 ) -> tuple[bool, DeliveryJob | None]:
     """Make the delivery pending, due now; with a lease, lease it at once when it is first in line
     (returned, for the local dispatcher to send now). Returns (found, the leased delivery); not
-    found also when its subscription was deleted meanwhile (it could never go out)."""
+    found also when its subscription was deleted meanwhile (it could never go out), or when it is
+    pending already (a retry racing another: the first one sends it, once)."""
     found = (
         conn.execute(
             "UPDATE deliveries SET status = 'pending', next_attempt_at = ?, lease_owner = NULL, lease_until = NULL,"
-            " updated_at = ? WHERE id = ? AND subscription_id IN (SELECT id FROM subscriptions)",
+            " updated_at = ? WHERE id = ? AND status <> 'pending'"
+            " AND subscription_id IN (SELECT id FROM subscriptions)",
             (now, now, delivery_id),
         ).rowcount
         > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -68,9 +69,14 @@ async def test_redeliver(tmp_path: Path) -> None:
         [done] = await eventually(lambda: _settled(running, 1))
         assert done["status"] == "succeeded" and [a["status_code"] for a in done["attempts"]] == [500, 200]
 
-        # A succeeded delivery can be sent again too (a subscriber lost it).
-        assert (await running.api.post(f"/v1/deliveries/{done['id']}/retry")).status_code == 202
+        # A succeeded delivery can be sent again too (a subscriber lost it). Two retries at once (a
+        # double click, two instances): one is taken, the other hears it is pending; one send.
+        both = await asyncio.gather(*(running.api.post(f"/v1/deliveries/{done['id']}/retry") for _ in range(2)))
+        assert sorted(r.status_code for r in both) == [202, 409], [r.text for r in both]
+        assert [r.json()["error"]["code"] for r in both if r.status_code == 409] == ["delivery_pending"]
         await hook.wait_for(lambda _: len(hook.verified) == 2)
+        await eventually(lambda: _settled(running, 1))
+        assert len(hook.verified) == 2
 
         await running.api.patch(f"/v1/subscriptions/{sub['id']}", json={"enabled": False})
         await eventually(lambda: _settled(running, 1))
