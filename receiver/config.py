@@ -199,6 +199,9 @@ def _database_url(value: str) -> str:
             raise ValueError("SQLite needs a file path (sqlite:///relative/path or sqlite:////absolute/path)")
         return value
     if value.startswith(("postgresql://", "postgres://")):
+        from receiver.store.postgres import parse_url  # here: asyncpg is loaded only for PostgreSQL
+
+        parse_url(value)  # the receiver's own parameters (?schema=, ?pool_size=): ValueError names a bad one
         return value
     raise ValueError("use sqlite:///relative/path, sqlite:////absolute/path or postgresql://…")
 

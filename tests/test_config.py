@@ -95,6 +95,10 @@ def test_secrets_are_hidden_in_reprs() -> None:
         ("RECEIVER_DATABASE_URL", "sqlite://relative.db"),
         ("RECEIVER_DATABASE_URL", "sqlite:///:memory:"),
         ("RECEIVER_DATABASE_URL", "garbage"),
+        ("RECEIVER_DATABASE_URL", "postgresql://u@h/db?schema=Audit_F"),
+        ("RECEIVER_DATABASE_URL", "postgresql://u@h/db?schema=a-b"),
+        ("RECEIVER_DATABASE_URL", "postgresql://u@h/db?pool_size=0"),
+        ("RECEIVER_DATABASE_URL", "postgresql://u@h/db?pool_size=abc"),
         ("RECEIVER_POLL_INTERVAL", "60"),  # longer than the largest delay (30 by default)
     ],
 )
