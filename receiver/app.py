@@ -182,6 +182,7 @@ def create_app(
                 mirror = Mirror(settings, ctx.url_guard)  # keeps succeeded tasks' images (receiver.mirror)
                 jobs = JobRunner(ctx, {polling.KIND: polling.poll_once, MIRROR: mirror.run, **calls})
                 ctx.metrics.expect_job_kinds(jobs.handlers)
+                ctx.metrics.expect_providers(ctx.providers.names())
                 workers.add("jobs", jobs.step, topic="jobs", idle=1.0)
                 workers.add("deliveries", dispatcher.step, topic="deliveries", idle=30.0)
                 await workers.start()

@@ -30,6 +30,7 @@ CALLBACK_OUTCOMES = (
     "task_mismatch",
     "callback_expired",
     "payload_too_large",
+    "request_timeout",
 )
 DELIVERY_OUTCOMES = ("succeeded", "retrying", "failed")
 
@@ -105,6 +106,12 @@ class Metrics:
             self.callbacks.labels(outcome)
         for outcome in DELIVERY_OUTCOMES:
             self.deliveries.labels(outcome)
+
+    def expect_providers(self, providers: Iterable[str]) -> None:
+        """Show these providers' submissions from the first scrape, at 0."""
+        for provider in providers:
+            for outcome in ("accepted", "refused"):
+                self.submissions.labels(provider, outcome)
 
     def expect_job_kinds(self, kinds: Iterable[str]) -> None:
         """Show these job kinds' backlog from the first scrape, at 0 while nothing waits."""

@@ -64,6 +64,10 @@ async def test_metrics_move_by_the_right_amounts(tmp_path: Path, logs: LogRecord
             assert before[("receiver_deliveries_total", frozenset({("outcome", outcome)}))] == 0, outcome
         for kind in ("poll", "mirror", "router"):
             assert before[("receiver_poll_backlog", frozenset({("kind", kind)}))] == 0, kind
+        for provider in ("xhuoapi", "xenodia", "router", "replicate", "fal"):
+            labels = frozenset({("provider", provider), ("outcome", "accepted")})
+            assert before[("receiver_submissions_total", labels)] == 0, provider
+        assert before[("receiver_callbacks_total", frozenset({("outcome", "request_timeout")}))] == 0
         minted = (await running.api.post("/v1/callback-urls", json={"provider": "xhuoapi"})).json()
         task_id, url = minted["task"]["id"], minted["callback_url"]
         success = {"success": True, "task_id": "up-1", "data": {"data": [{"url": "https://cdn.example/a.png"}]}}
