@@ -196,6 +196,11 @@
           logout("The receiver refused that key.");
           return;
         }
+        if (response.status === 429) {
+          // Too many dashboards on this key: show the list as it is now, and say why it is not live.
+          say("Too many dashboards are open with this key on this receiver; close one. Retrying…", "error");
+          loadTasks();
+        }
         if (!response.ok) throw new ApiError(`HTTP ${response.status}`, response.status);
         const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
         let buffer = "";
@@ -273,19 +278,26 @@
     if (known && known.sequence > task.sequence) return;
     state.tasks.set(task.id, task);
     if (state.tasks.size > MAX_TASKS) {
-      const oldest = [...state.tasks.keys()].sort()[0];
-      if (oldest !== state.selected) state.tasks.delete(oldest);
+      // The oldest go first (ids sort by creation time), but never the task being looked at.
+      const ids = [...state.tasks.keys()].sort().filter((id) => id !== state.selected);
+      for (const id of ids.slice(0, state.tasks.size - MAX_TASKS)) state.tasks.delete(id);
     }
     if (render) renderTasks();
   }
 
   function renderTasks() {
     const body = $("#tasks tbody");
+    const focused = document.activeElement && body.contains(document.activeElement)
+      ? document.activeElement.dataset.taskId
+      : null;
     const rows = [...state.tasks.values()]
       .sort((a, b) => (a.id < b.id ? 1 : -1))
       .map((task) => taskRow(task));
     body.replaceChildren(...rows);
     $("#tasks-empty").hidden = rows.length > 0;
+    // A live redraw must not take the keyboard's place in the list away.
+    const again = focused && rows.find((row) => row.dataset.taskId === focused);
+    if (again) again.focus({ preventScroll: true });
   }
 
   function taskRow(task) {
@@ -405,8 +417,16 @@
               ),
             ),
           )
-        : null,
+        : [],
     );
+  }
+
+  // A callback's body as it arrived, byte for byte (what a signature is computed over): text, or
+  // base64 when the bytes are not UTF-8.
+  function rawBody(callback) {
+    if (callback.raw_body === undefined || callback.raw_body === null) return pretty(callback.body);
+    if (callback.raw_body_encoding === "base64") return `(not UTF-8 text; base64)\n${callback.raw_body}`;
+    return callback.raw_body;
   }
 
   function renderCallbacks(callbacks) {
@@ -416,11 +436,14 @@
       box.replaceChildren(el("p", { class: "muted", text: "No callback yet." }));
       return;
     }
+    // A live redraw keeps what the reader opened open (and so the page where it was).
+    const opened = new Set([...box.querySelectorAll("details[open]")].map((node) => node.dataset.callbackId));
     box.replaceChildren(
       ...callbacks.map((callback) =>
         el(
           "details",
-          { class: "callback", "data-callback-id": callback.id, "data-verdict": callback.verdict },
+          { class: "callback", "data-callback-id": callback.id, "data-verdict": callback.verdict,
+            open: opened.has(callback.id) },
           el(
             "summary",
             {},
@@ -431,8 +454,8 @@
           ),
           el("h4", { text: "Headers" }),
           el("dl", { class: "headers" }, Object.entries(callback.headers || {}).map(([name, value]) => field(name, value))),
-          el("h4", { text: "Body" }),
-          el("pre", { class: "body", text: pretty(callback.body) }),
+          el("h4", { text: "Body, as received" }),
+          el("pre", { class: "body", text: rawBody(callback) }),
         ),
       ),
     );

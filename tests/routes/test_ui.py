@@ -174,7 +174,8 @@ async def test_watching_a_task_live_and_redelivering_from_the_dashboard(tmp_path
         await page.click(row(task["id"]))
         await page.wait_for_selector(f'#detail[data-task-id="{task["id"]}"] .callback[data-verdict=accepted]')
         await page.click(".callback summary")
-        assert '"success": true' in (await page.inner_text(".callback pre.body"))
+        [logged] = (await running.api.get(f"/v1/tasks/{task['id']}/callbacks")).json()["data"]
+        assert await page.text_content(".callback pre.body") == logged["raw_body"]  # as received, byte for byte
         assert '<img src=x id=\\"pwned\\"' in await page.inner_text("#summary")  # shown as text (JSON)…
         assert await page.locator("#pwned").count() == 0  # … never as markup
         assert await page.evaluate("window.pwned === undefined")
@@ -191,6 +192,13 @@ async def test_watching_a_task_live_and_redelivering_from_the_dashboard(tmp_path
             "s => document.querySelectorAll(s).length === 2", arg=f"{delivery} .attempt", timeout=10_000
         )
         await subscriber.wait_for(lambda got: sum(r.type == "task.succeeded" for r in got) == 2)
+        # The callback opened above stayed open through those live redraws.
+        assert await page.locator(".callback[open]").count() == 1
+        # A task without images shows nothing where its images would be (not the word "null").
+        minted = (await running.api.post("/v1/callback-urls", json={"provider": "kling"})).json()["task"]
+        await page.click(row(minted["id"]))
+        await page.wait_for_selector(f'#detail[data-task-id="{minted["id"]}"] #summary h2')
+        assert "null" not in await page.inner_text("#summary")
 
         assert watching.problems() == []
         for url, headers in watching.requests:
