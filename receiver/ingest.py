@@ -33,13 +33,7 @@ from receiver.providers import dialect_for
 from receiver.providers.base import Answer
 from receiver.providers.signatures import SignatureCheck
 from receiver.signing import Claims
-from receiver.store.base import (
-    CREDENTIAL_WORDS,
-    DROPPED_CALLBACK_HEADERS,
-    Applied,
-    IncomingCallback,
-    TaskQuery,
-)
+from receiver.store.base import CREDENTIAL_WORDS, Applied, IncomingCallback, TaskQuery
 from receiver.tasks import Report, Task, apply_report
 from receiver.types import JSON, TaskState
 
@@ -98,14 +92,14 @@ async def ingest(ctx: Context, claims: Claims, body: bytes, headers: Mapping[str
 
 
 def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The headers a callback's log entry keeps: all but credentials (`DROPPED_CALLBACK_HEADERS`,
-    names with a `CREDENTIAL_WORDS` word) and the receiver's own mark (`x-receiver-source`), which
-    only what it fetched itself carries. A header sent more than once keeps its values joined by
-    commas, as HTTP reads them."""
+    """The headers a callback's log entry keeps: all but credentials (names with a
+    `CREDENTIAL_WORDS` word) and the receiver's own mark (`x-receiver-source`), which only what it
+    fetched itself carries. A header sent more than once keeps its values joined by commas, as HTTP
+    reads them."""
     kept: dict[str, str] = {}
     for name, value in headers.items():
         key = name.lower()
-        if key in DROPPED_CALLBACK_HEADERS or key == SOURCE_HEADER or _CREDENTIAL.search(key):
+        if key == SOURCE_HEADER or _CREDENTIAL.search(key):
             continue
         kept[key] = f"{kept[key]}, {value}" if key in kept else value
     return kept

@@ -28,15 +28,20 @@ _SIGNED_QUERY = re.compile(r"([?&](?:sig|signature|token|fal_webhook)=)[^&\s\"']
 # And a token wherever it stands, by its shape (`<payload>.<time>.<43-character signature>`, URL-safe
 # base64): under a misspelt prefix (`/callback/…`, `/callbacks./…`, `/callbacks\…`) or none at all.
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{4,16}\.[A-Za-z0-9_-]{40,}")
+_TOKEN_LENGTH = 8 + 1 + 4 + 1 + 40  # the shortest text _TOKEN finds
 
 
 def redact_path(text: str) -> str:
     """Strip callback and asset tokens and signatures from a path or URL."""
     folded = text.lower()
-    if "callbacks" not in folded and "assets" not in folded and "=" not in text and "." not in text:
+    prefixed = "callbacks" in folded or "assets" in folded
+    shaped = len(text) >= _TOKEN_LENGTH and "." in text  # not every log line's event name
+    if not prefixed and not shaped and "=" not in text:
         return text
-    text = _SIGNED_PATH.sub(r"\1/[redacted]", text)
-    text = _TOKEN.sub("[redacted]", text)
+    if prefixed:
+        text = _SIGNED_PATH.sub(r"\1/[redacted]", text)
+    if shaped:
+        text = _TOKEN.sub("[redacted]", text)
     return _SIGNED_QUERY.sub(r"\1[redacted]", text)
 
 

@@ -18,19 +18,34 @@ from collections.abc import Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from receiver.errors import (
+    CallbackExpired,
+    InvalidPayload,
+    InvalidProviderSignature,
+    InvalidSignature,
+    PayloadTooLarge,
+    RequestTimeout,
+    TaskMismatch,
+)
 from receiver.types import TaskState, Verdict
 
-#: The outcomes `receiver_callbacks_total` counts: a verdict, or the code of a refusal.
+#: The outcomes `receiver_callbacks_total` counts: a verdict, or the code of a refusal (the
+#: errors' own codes; a task that does not exist is NotFound's `task_not_found`).
 CALLBACK_OUTCOMES = (
     *(verdict.value for verdict in Verdict),
-    "invalid_payload",
-    "invalid_signature",
-    "invalid_provider_signature",
+    *(
+        error.code
+        for error in (
+            InvalidPayload,
+            InvalidSignature,
+            InvalidProviderSignature,
+            TaskMismatch,
+            CallbackExpired,
+            PayloadTooLarge,
+            RequestTimeout,
+        )
+    ),
     "task_not_found",
-    "task_mismatch",
-    "callback_expired",
-    "payload_too_large",
-    "request_timeout",
 )
 DELIVERY_OUTCOMES = ("succeeded", "retrying", "failed")
 

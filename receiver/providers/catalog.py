@@ -290,8 +290,7 @@ def _check_dimensions(value: str, spec: Mapping[str, Any]) -> str | None:
         return None
     match = _DIMENSIONS.fullmatch(value)
     if match is None:
-        shown = [name or '""' for name in allowed]  # an empty size may be allowed too
-        return f"must be {' or '.join([*shown, 'WIDTHxHEIGHT'])}, e.g. 1024x1536"
+        return f"must be {' or '.join([*allowed, 'WIDTHxHEIGHT'])}, e.g. 1024x1536"
     width, height = int(match.group(1)), int(match.group(2))
     step = spec.get("multiple_of")
     if step and (width % step or height % step):

@@ -24,10 +24,9 @@ from receiver.types import JSON, DeliveryStatus, EventType, TaskState, Value, Ve
 
 Decide = Callable[[Task], Transition]
 
-#: Headers a callback's log entry never keeps, as they may carry credentials: these, and any whose
-#: name has one of CREDENTIAL_WORDS in it (`x-gitlab-token`, `x-webhook-secret`, `x-auth`,
+#: A callback's log entry never keeps a header whose name has one of these in it, as it may carry a
+#: credential (`authorization`, `cookie`, `x-api-key`, `x-gitlab-token`, `x-webhook-secret`,
 #: `x-signing-key`; `idempotency-key` goes too). Signatures stay: they prove, they do not open.
-DROPPED_CALLBACK_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
 CREDENTIAL_WORDS = ("token", "secret", "password", "passwd", "key", "auth", "credential", "session", "cookie")
 
 
