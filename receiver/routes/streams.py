@@ -82,7 +82,13 @@ def last_event_id(request: Request) -> int | None:
     """The `Last-Event-ID` a reconnecting client sends: the `sequence` it saw last (None: none, or
     not one of ours)."""
     value = request.headers.get("last-event-id", "").strip()
-    return int(value) if value.isascii() and value.isdigit() else None  # the head's limit bounds its length
+    if not (value.isascii() and value.isdigit()):
+        return None
+    # Past 18 digits it is past every sequence (and int() refuses more than 4,300 digits).
+    return int(value) if len(value) <= 18 else _PAST_EVERY_SEQUENCE
+
+
+_PAST_EVERY_SEQUENCE = 10**18
 
 
 def _settled(task: Task) -> bool:
