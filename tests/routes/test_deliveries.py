@@ -71,12 +71,15 @@ async def test_redeliver(tmp_path: Path) -> None:
 
         # A succeeded delivery can be sent again too (a subscriber lost it). Two retries at once (a
         # double click, two instances): one is taken, the other hears it is pending; one send.
+        # (The second may also come after the first was sent and finished: then it sends again. What
+        # never happens is two sends for one accepted retry; the store's test holds the race itself.)
         both = await asyncio.gather(*(running.api.post(f"/v1/deliveries/{done['id']}/retry") for _ in range(2)))
-        assert sorted(r.status_code for r in both) == [202, 409], [r.text for r in both]
-        assert [r.json()["error"]["code"] for r in both if r.status_code == 409] == ["delivery_pending"]
-        await hook.wait_for(lambda _: len(hook.verified) == 2)
+        taken = [r for r in both if r.status_code == 202]
+        refused = [r.json()["error"]["code"] for r in both if r.status_code != 202]
+        assert taken and refused in ([], ["delivery_pending"]), [r.text for r in both]
+        await hook.wait_for(lambda _: len(hook.verified) == 1 + len(taken))
         await eventually(lambda: _settled(running, 1))
-        assert len(hook.verified) == 2
+        assert len(hook.verified) == 1 + len(taken)
 
         await running.api.patch(f"/v1/subscriptions/{sub['id']}", json={"enabled": False})
         await eventually(lambda: _settled(running, 1))
